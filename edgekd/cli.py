@@ -1,0 +1,115 @@
+"""The ``edgekd`` command line. Thin: every command calls the library; only here do we exit.
+
+Every expected failure is an ``EdgekdError``; ``main`` prints it as one clear message and
+exits with its code (2 for bad input, 3 for a failed accuracy gate, 1 otherwise) without a
+traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from edgekd.errors import EdgekdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, distill, quantize, export and benchmark PyTorch models for edge devices.")
+err_console = Console(stderr=True)
+out_console = Console()
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: dotted.key=value",
+                                                     show_default=False)]
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def compress(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="run directory (default runs/<name>/<time>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out (or the newest run)")] = False,
+) -> None:
+    """Run a recipe end to end: teacher, student, stages, benchmark, report."""
+    from edgekd.pipeline.runner import Runner
+    from edgekd.pipeline.validate import validate_document
+    from edgekd.recipe.load import load_recipe
+
+    doc = load_recipe(recipe, set_)
+    validate_document(doc)
+    result = Runner(doc.recipe, out=out, resume=resume, console=err_console).run()
+    if result.report is not None:
+        from edgekd.report.gate import check_gate
+        from edgekd.report.summary import print_summary
+
+        print_summary(result.report, out_console)
+        out_console.print(f"run directory: {result.run_dir}")
+        if doc.recipe.gate is not None:
+            check_gate(result.report, doc.recipe.gate)
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe without training: schema, data, models, layer names."""
+    from edgekd.pipeline.validate import validate_document
+    from edgekd.recipe.load import load_recipe
+
+    summary = validate_document(load_recipe(recipe, set_))
+    out_console.print(f"[green]ok[/] {recipe}: {summary.dataset} ({summary.train_samples} train / "
+                      f"{summary.val_samples} val, {summary.num_classes} classes, input {summary.input_shape}); "
+                      f"stages: {', '.join(summary.stages) or 'none'}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editor completion and checks)."""
+    from edgekd.recipe.schema import Recipe
+
+    sys.stdout.write(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2) + "\n")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EdgekdError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {_escape(exc.message)}", highlight=False)
+        if exc.hint:
+            err_console.print(f"  [yellow]hint:[/] {_escape(exc.hint)}", highlight=False)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun with --resume to continue")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    main()

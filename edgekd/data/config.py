@@ -1,0 +1,61 @@
+"""The recipe's ``data:`` section: one typed source per dataset kind, picked by ``dataset:``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from edgekd.recipe.base import StrictModel
+
+
+class _Common(StrictModel):
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of samples held out, stratified by class")
+    normalize: bool = Field(True, description="standardise inputs with the training split's per-channel mean/std")
+
+
+class DigitsData(_Common):
+    """scikit-learn's bundled 1,797 real 8x8 handwritten digit scans, resized."""
+
+    dataset: Literal["digits"]
+    image_size: int = Field(32, ge=8, le=256, description="resize the 8x8 scans to this square size")
+
+
+class Mnist1dData(_Common):
+    """MNIST-1D (Greydanus 2020), generated offline from its templates; uses the official split."""
+
+    dataset: Literal["mnist1d"]
+    num_samples: int = Field(5000, ge=100, description="samples generated (the official split keeps 20% for test)")
+
+
+class NpzData(_Common):
+    """A .npz file with arrays ``x`` (N, ...) and ``y`` (N,) of integer labels."""
+
+    dataset: Literal["npz"]
+    path: Path
+    x_key: str = "x"
+    y_key: str = "y"
+
+
+class ImageFolderData(_Common):
+    """One sub-folder per class, images read with Pillow."""
+
+    dataset: Literal["imagefolder"]
+    path: Path
+    image_size: int = Field(32, ge=4, le=1024)
+    channels: Literal[1, 3] = 3
+
+
+class FactoryData(_Common):
+    """A user function ``package.module:function`` returning (train, val) datasets of (x, y)."""
+
+    dataset: Literal["factory"]
+    factory: str = Field(..., pattern=r"^[\w.]+:\w+$", description="package.module:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+DataConfig = Annotated[
+    DigitsData | Mnist1dData | NpzData | ImageFolderData | FactoryData, Field(discriminator="dataset")
+]

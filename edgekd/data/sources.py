@@ -1,0 +1,137 @@
+"""Turn a data config into raw arrays. One function per source type, picked by type.
+
+Each loader returns ``(x_train, y_train, x_val, y_val)`` as numpy float32 / int64, or
+``(x, y, None, None)`` when the source has no official split (the caller splits it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.data.config import DigitsData, FactoryData, ImageFolderData, Mnist1dData, NpzData
+from edgekd.errors import DataError
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, H, W) float32 → (N, C, size, size), bilinear (antialiased when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    t = torch.from_numpy(images)
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True).numpy()
+
+
+def load_digits_arrays(cfg: DigitsData) -> Arrays:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    return _resize(x, cfg.image_size), bunch.target.astype(np.int64), None, None
+
+
+def load_mnist1d_arrays(cfg: Mnist1dData) -> Arrays:
+    # get_dataset() downloads by default; make_dataset() generates offline and deterministically.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = cfg.num_samples
+    d = make_dataset(args)
+    return (d["x"].astype(np.float32)[:, None], d["y"].astype(np.int64),
+            d["x_test"].astype(np.float32)[:, None], d["y_test"].astype(np.int64))
+
+
+def load_npz_arrays(cfg: NpzData) -> Arrays:
+    if not cfg.path.is_file():
+        raise DataError(f"npz file {cfg.path} does not exist")
+    with np.load(cfg.path, allow_pickle=False) as archive:
+        missing = [k for k in (cfg.x_key, cfg.y_key) if k not in archive.files]
+        if missing:
+            raise DataError(f"{cfg.path} has no array named {', '.join(missing)}",
+                            hint=f"arrays in the file: {', '.join(archive.files)}")
+        x, y = archive[cfg.x_key].astype(np.float32), archive[cfg.y_key]
+    if x.ndim == 1 or len(x) != len(y):
+        raise DataError(f"{cfg.path}: x must be (N, ...) and y (N,), got {x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{cfg.path}: labels must be integers, got {y.dtype}")
+    if x.ndim == 2:  # (N, L) signals get a channel axis
+        x = x[:, None]
+    return x, y.astype(np.int64), None, None
+
+
+def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
+    from PIL import Image
+
+    root = cfg.path
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"image folder {root} needs one sub-folder per class (found {len(classes)})")
+    mode = "L" if cfg.channels == 1 else "RGB"
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    img = img.convert(mode).resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+                    arr = np.asarray(img, dtype=np.float32) / 255.0
+            except OSError as exc:
+                raise DataError(f"cannot read image {file}: {exc}") from exc
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise DataError(f"no images found under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), None, None
+
+
+def _to_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        xs.append(np.asarray(x, dtype=np.float32))
+        ys.append(int(y))
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def load_factory_arrays(cfg: FactoryData) -> Arrays:
+    from edgekd.models.registry import resolve_factory
+
+    try:
+        result = resolve_factory(cfg.factory)(**cfg.kwargs)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data factory {cfg.factory} failed: {exc}") from exc
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise DataError(f"data factory {cfg.factory} must return (train_dataset, val_dataset)")
+    (xt, yt), (xv, yv) = _to_arrays(result[0]), _to_arrays(result[1])
+    return xt, yt, xv, yv
+
+
+LOADERS: dict[type, Callable[..., Arrays]] = {
+    DigitsData: load_digits_arrays,
+    Mnist1dData: load_mnist1d_arrays,
+    NpzData: load_npz_arrays,
+    ImageFolderData: load_imagefolder_arrays,
+    FactoryData: load_factory_arrays,
+}
+
+
+def load_arrays(cfg) -> Arrays:
+    return LOADERS[type(cfg)](cfg)
+
+
+def resolve_path(cfg, base: Path):
+    """Make a relative ``path`` in a data config relative to the recipe file's folder."""
+    if hasattr(cfg, "path") and not cfg.path.is_absolute():
+        return cfg.model_copy(update={"path": (base / cfg.path)})
+    return cfg

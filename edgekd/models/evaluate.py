@@ -1,0 +1,23 @@
+"""Top-1 accuracy of a PyTorch model on tensors (percent)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+                   device: torch.device | None = None) -> torch.Tensor:
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(x[i:i + batch_size].to(device).contiguous()).float().cpu() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def top1_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
+                  device: torch.device | None = None) -> float:
+    logits = predict_logits(model, x, batch_size=batch_size, device=device)
+    return 100.0 * (logits.argmax(1) == y).float().mean().item()

@@ -1,0 +1,238 @@
+"""Run a recipe: teacher → student → stages in order → benchmark → report → gate.
+
+After each step the manifest records its status, duration and output hashes, and the student
+is saved in the portable format, so ``--resume`` restarts after the last finished step and a
+failing step leaves everything before it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
+from edgekd.data import load_data
+from edgekd.errors import ConfigError, EdgekdError
+from edgekd.fileio import atomic_write_text, sha256_file
+from edgekd.models.evaluate import top1_accuracy
+from edgekd.models.portable import load_portable, save_portable
+from edgekd.models.spec import ModelSpec
+from edgekd.models.stats import count_params_macs
+from edgekd.pipeline.context import Artifact, LedgerRow, RunContext
+from edgekd.pipeline.rundir import MANIFEST_SCHEMA, RunDir, now_iso
+from edgekd.pipeline.stage import Stage, stage_for
+from edgekd.pipeline.teacher import prepare_teacher, teacher_spec
+from edgekd.pipeline.versions import library_versions
+from edgekd.recipe.load import recipe_hash
+from edgekd.recipe.schema import Recipe
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+    report: Any = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def planned_steps(recipe: Recipe) -> list[tuple[str, Stage | None]]:
+    """(key, stage) in run order; the teacher step has no Stage object."""
+    steps: list[tuple[str, Stage | None]] = [("teacher", None)]
+    for i, entry in enumerate(recipe.stages):
+        steps.append((f"{i}-{entry.key}", stage_for(entry.config)))
+    if recipe.benchmark is not None:
+        steps.append(("benchmark", stage_for(recipe.benchmark)))
+    return steps
+
+
+def _new_manifest(recipe: Recipe, steps: list[tuple[str, Stage | None]]) -> dict[str, Any]:
+    from edgekd.bench.machine import machine_facts
+
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "name": recipe.name,
+        "recipe_hash": recipe_hash(recipe),
+        "seed": recipe.seed,
+        "created": now_iso(),
+        "versions": library_versions(),
+        "machine": machine_facts(),
+        "stages": [{"index": i, "key": key, "status": "pending", "started": None, "duration_s": None,
+                    "error": None, "outputs": {}} for i, (key, _) in enumerate(steps)],
+        "artifacts": [],
+        "ledger": [],
+        "report_data": {},
+        "teacher": {},
+    }
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, *, out: Path | None = None, resume: bool = False,
+                 console: Console | None = None, runs_root: Path = Path("runs")) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        self.console = console or Console(stderr=True)
+        self.run_dir = RunDir.choose(recipe.name, out, resume, runs_root)
+
+    # -- manifest helpers -------------------------------------------------
+    def _save(self, ctx: RunContext | None = None) -> None:
+        if ctx is not None:
+            root = self.run_dir.path
+            self.manifest["artifacts"] = [a.to_json(root) for a in ctx.artifacts.values()]
+            self.manifest["ledger"] = [asdict(row) for row in ctx.ledger]
+            self.manifest["report_data"] = ctx.report_data
+        if self.is_main:
+            self.run_dir.write_manifest(self.manifest)
+
+    def _student_path(self, key: str) -> Path:
+        return self.run_dir.path / "student" / f"after-{key}.pt"
+
+    # -- the run ----------------------------------------------------------
+    def run(self) -> RunResult:
+        from edgekd.train.distributed import is_main_process, maybe_init_distributed, resolve_device
+
+        device = resolve_device(self.recipe.device)
+        maybe_init_distributed(device)
+        self.is_main = is_main_process()
+        steps = planned_steps(self.recipe)
+        with self.run_dir.lock() if self.is_main else contextlib.nullcontext(self.run_dir):
+            self.manifest = self._open_manifest(steps)
+            if self.is_main:
+                resolved = self.recipe.model_dump(mode="json", by_alias=True)
+                atomic_write_text(self.run_dir.path / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            seed_everything(self.recipe.seed)
+            data = load_data(self.recipe.data, self.recipe.seed)
+            self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
+                               f"({len(data.train)} train / {len(data.val)} val samples, device {device})")
+            ctx = self._run_teacher(data, device)
+            self._restore(ctx)
+            for index, (key, stage) in enumerate(steps[1:], start=1):
+                record = self.manifest["stages"][index]
+                if record["status"] == "done":
+                    self.console.print(f"  [dim]skip {key} (done in an earlier run)[/]")
+                    continue
+                self._run_stage(ctx, index, key, stage)
+            report = self._write_report()
+        return RunResult(self.run_dir.path, self.manifest, report)
+
+    def _open_manifest(self, steps) -> dict[str, Any]:
+        existing = self.run_dir.read_manifest() if self.resume else None
+        if existing is None:
+            return _new_manifest(self.recipe, steps)
+        if existing.get("recipe_hash") != recipe_hash(self.recipe):
+            raise ConfigError(f"the recipe differs from the one {self.run_dir.path} was started with",
+                              hint="--resume needs the same recipe and --set values; start a new run otherwise")
+        return existing
+
+    def _run_teacher(self, data, device) -> RunContext:
+        record = self.manifest["stages"][0]
+        started = time.perf_counter()
+        record.update(status="running", started=now_iso(), error=None)
+        self._save()
+        try:
+            teacher, info = prepare_teacher(self.recipe, data, self.run_dir.path, device,
+                                            resume=self.resume)
+        except BaseException as exc:
+            self._fail(record, started, exc)
+            raise
+        example = data.example_batch(1)
+        params, macs = count_params_macs(teacher, example)
+        acc = top1_accuracy(teacher, data.val_x, data.val_y)
+        self.manifest["teacher"] = {"model": teacher_spec(self.recipe).describe(), "params": params, "macs": macs,
+                                    "val_accuracy": acc, **info}
+        record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
+                      outputs=self._hashes([self.run_dir.path / "teacher" / "teacher.pt"]))
+        self.console.print(f"  teacher {teacher_spec(self.recipe).describe()}: val top-1 {acc:.2f}%  "
+                           f"({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
+        ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
+                         student=self._initial_student(teacher, data), resume=self.resume)
+        self._save(ctx)
+        return ctx
+
+    def _student_spec(self) -> ModelSpec:
+        return self.recipe.student.spec() or teacher_spec(self.recipe)
+
+    def _initial_student(self, teacher, data):
+        spec = self.recipe.student.spec()
+        if spec is None:
+            return copy.deepcopy(teacher)
+        return spec.build(data.num_classes, data.input_shape)
+
+    def _restore(self, ctx: RunContext) -> None:
+        """On resume: the artifacts, ledger, report data and student of the finished steps."""
+        root = self.run_dir.path
+        ctx.artifacts = {a.key: a for a in (Artifact.from_json(d, root) for d in self.manifest["artifacts"])}
+        ctx.ledger = [LedgerRow(**row) for row in self.manifest["ledger"]]
+        ctx.report_data = dict(self.manifest["report_data"])
+        if not ctx.ledger:
+            t = self.manifest["teacher"]
+            ctx.ledger.append(LedgerRow(stage="teacher", params=t["params"], macs=t["macs"],
+                                        val_accuracy=t["val_accuracy"]))
+        done = [s["key"] for s in self.manifest["stages"][1:] if s["status"] == "done"]
+        for key in reversed(done):
+            path = self._student_path(key)
+            if path.is_file():
+                ctx.student, _ = load_portable(path)
+                break
+
+    def _run_stage(self, ctx: RunContext, index: int, key: str, stage: Stage) -> None:
+        from edgekd.train.distributed import broadcast_module_state, world_size
+
+        record = self.manifest["stages"][index]
+        resumed = record["status"] in ("running", "failed")
+        ctx.resume = self.resume and resumed
+        record.update(status="running", started=now_iso(), error=None)
+        self._save(ctx)
+        self.console.print(f"[bold]▶ {key}[/]" + (" (resuming)" if ctx.resume else ""))
+        started = time.perf_counter()
+        ctx.stage_outputs = []
+        try:
+            if self.is_main or not stage.main_process_only:
+                stage.run(ctx)
+            if world_size() > 1 and stage.main_process_only:
+                broadcast_module_state(ctx.student)
+        except BaseException as exc:
+            self._fail(record, started, exc, ctx)
+            raise
+        student_file = self._student_path(key)
+        if self.is_main:
+            ctx.student.cpu().eval()
+            save_portable(ctx.student, student_file, spec=self._student_spec(), num_classes=ctx.data.num_classes,
+                          input_shape=ctx.data.input_shape, extra={"role": "student", "after": key})
+        record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
+                      outputs=self._hashes([*ctx.stage_outputs, student_file]))
+        self._save(ctx)
+
+    def _fail(self, record, started, exc: BaseException, ctx: RunContext | None = None) -> None:
+        message = str(exc) if isinstance(exc, EdgekdError) else "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        record.update(status="failed", duration_s=round(time.perf_counter() - started, 3),
+                      error=message or type(exc).__name__)
+        self._save(ctx)
+
+    def _hashes(self, paths) -> dict[str, str]:
+        if not self.is_main:
+            return {}
+        return {self.run_dir.rel(p): sha256_file(p) for p in paths if Path(p).is_file()}
+
+    def _write_report(self):
+        if not self.is_main:
+            return None
+        from edgekd.report.build import write_all_reports
+
+        return write_all_reports(self.run_dir.path)

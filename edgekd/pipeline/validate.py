@@ -1,0 +1,84 @@
+"""``edgekd validate``: everything that can be checked without training.
+
+Beyond the schema: the data loads, the models build with the data's shape, a teacher
+checkpoint fits, the student and teacher agree on classes, and each stage's own ``check``
+(layer names, shapes) passes on one real batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
+from edgekd.data import load_data
+from edgekd.errors import EdgekdError, RecipeError
+from edgekd.models.checkpoint import load_checkpoint
+from edgekd.pipeline.context import ValidationContext
+from edgekd.pipeline.stage import stage_for
+from edgekd.pipeline.teacher import teacher_spec
+from edgekd.recipe.load import RecipeDocument
+
+
+@dataclass
+class ValidationSummary:
+    dataset: str
+    train_samples: int
+    val_samples: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    stages: list[str]
+
+
+def _at(doc: RecipeDocument, key: str, exc: EdgekdError) -> RecipeError:
+    return doc.error_at(key, exc.message, exc.hint)
+
+
+def validate_document(doc: RecipeDocument) -> ValidationSummary:
+    recipe = doc.recipe
+    try:
+        data = load_data(recipe.data, recipe.seed)
+    except EdgekdError as exc:
+        raise _at(doc, "data", exc) from exc
+    try:
+        teacher = teacher_spec(recipe).build(data.num_classes, data.input_shape)
+        if recipe.teacher.checkpoint is not None:
+            load_checkpoint(teacher, recipe.teacher.checkpoint)
+    except EdgekdError as exc:
+        raise _at(doc, "teacher", exc) from exc
+    student_spec = recipe.student.spec()
+    try:
+        student = student_spec.build(data.num_classes, data.input_shape) if student_spec else teacher
+    except EdgekdError as exc:
+        raise _at(doc, "student", exc) from exc
+    example = data.example_batch(2)
+    with torch.no_grad():
+        t_out, s_out = teacher.eval()(example), student.eval()(example)
+    if t_out.shape[-1] != s_out.shape[-1]:
+        raise doc.error_at("student", f"the student predicts {s_out.shape[-1]} classes but the teacher "
+                           f"{t_out.shape[-1]}", hint="give the student num_classes equal to the teacher's")
+    ctx = ValidationContext(recipe=recipe, teacher=teacher, student=student, example_batch=example,
+                            num_classes=data.num_classes)
+    names = []
+    for i, entry in enumerate(recipe.stages):
+        names.append(entry.key)
+        try:
+            stage_for(entry.config).check(ctx)
+        except RecipeError as exc:
+            key = f"stages.{i}.{exc.key}" if exc.key else f"stages.{i}.{entry.key}"
+            if exc.key and not exc.key.startswith(entry.key):
+                key = f"stages.{i}.{entry.key}.{exc.key}"
+            raise doc.error_at(key, _strip_location(exc), exc.hint) from exc
+        except EdgekdError as exc:
+            raise _at(doc, f"stages.{i}.{entry.key}", exc) from exc
+    if recipe.benchmark is not None:
+        stage_for(recipe.benchmark).check(ctx)
+    return ValidationSummary(dataset=recipe.data.dataset, train_samples=len(data.train), val_samples=len(data.val),
+                             num_classes=data.num_classes, input_shape=data.input_shape, stages=names)
+
+
+def _strip_location(exc: RecipeError) -> str:
+    """A stage raised RecipeError without file/line; drop its own 'key: ' prefix before re-raising."""
+    prefix = f"{exc.key}: " if exc.key else ""
+    return exc.message.removeprefix(prefix)

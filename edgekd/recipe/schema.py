@@ -1,0 +1,70 @@
+"""The recipe: one typed document that says what to compress and how.
+
+Sections: ``data`` (a typed source), ``teacher`` (a model, and a checkpoint or a ``train`` block),
+``student`` (a copy of the teacher or another architecture), ``stages`` (ordered), and the
+``benchmark`` and ``gate`` run after them. Unknown keys are errors everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgekd.bench.config import BenchmarkConfig, GateConfig
+from edgekd.data.config import DataConfig
+from edgekd.models.spec import ModelSpec
+from edgekd.recipe.base import StrictModel
+from edgekd.recipe.stages import StageEntry
+from edgekd.train.config import TrainConfig
+
+
+class TeacherConfig(ModelSpec):
+    """The original model: loaded from a state-dict checkpoint, or trained by the ``train`` block."""
+
+    checkpoint: Path | None = Field(None, description="state dict file, loaded with weights_only=True")
+    train: TrainConfig | None = Field(None, description="train the teacher on the recipe's data first")
+
+    @model_validator(mode="after")
+    def _weights_source(self) -> TeacherConfig:
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("the teacher needs trained weights: give 'checkpoint' (a state dict) or a 'train' block")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("give either 'checkpoint' or 'train', not both")
+        return self
+
+
+class StudentConfig(StrictModel):
+    """``{from: teacher}`` copies the teacher (then prune it); or name another architecture."""
+
+    from_: Literal["teacher"] | None = Field(None, alias="from", description="'teacher': start from a copy")
+    model: str | None = None
+    factory: str | None = None
+    kwargs: dict = Field(default_factory=dict)
+
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.from_ is None) == (self.model is None and self.factory is None):
+            raise ValueError("give either 'from: teacher' or a 'model'/'factory' for the student")
+        return self
+
+    def spec(self) -> ModelSpec | None:
+        """The student's own architecture, or None when it is a copy of the teacher."""
+        if self.from_ is not None:
+            return None
+        return ModelSpec(model=self.model, factory=self.factory, kwargs=self.kwargs)
+
+
+class Recipe(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (a folder name)")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=lambda: StudentConfig(from_="teacher"))
+    stages: list[StageEntry] = Field(default_factory=list, description="run in order")
+    benchmark: BenchmarkConfig | None = Field(None, description="teacher vs student on each runtime")
+    gate: GateConfig | None = Field(None, description="fail the run (exit 3) past this accuracy drop")

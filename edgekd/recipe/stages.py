@@ -1,0 +1,33 @@
+"""The ``stages:`` list of a recipe: each item names exactly one stage and holds its config.
+
+Each stage package owns its config class; this module only gathers them. A field's name is
+the key users write in the recipe (``- prune: {...}``).
+"""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from edgekd.recipe.base import StrictModel
+
+
+class StageEntry(StrictModel):
+    """One item of ``stages:``. Exactly one field is set."""
+
+    # one line per stage: `<recipe key>: <ConfigClass> | None = None`
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StageEntry:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        valid = ", ".join(type(self).model_fields)
+        if len(given) != 1:
+            raise ValueError(f"each stage item names exactly one stage (one of: {valid}); got {len(given)}")
+        return self
+
+    @property
+    def config(self) -> StrictModel:
+        return next(getattr(self, n) for n in type(self).model_fields if getattr(self, n) is not None)
+
+    @property
+    def key(self) -> str:
+        return next(n for n in type(self).model_fields if getattr(self, n) is not None)

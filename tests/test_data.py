@@ -1,0 +1,74 @@
+"""Every data source loads real data, splits deterministically and stratified, and normalises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.data import load_data, stratified_split
+from edgekd.data.config import DigitsData, FactoryData, ImageFolderData, Mnist1dData, NpzData
+from edgekd.errors import DataError
+
+
+def test_digits_resized_and_normalised():
+    b = load_data(DigitsData(dataset="digits", image_size=12), seed=0)
+    assert b.input_shape == (1, 12, 12) and b.num_classes == 10
+    assert len(b.train) + len(b.val) == 1797
+    assert abs(float(b.train_x.mean())) < 1e-3 and abs(float(b.train_x.std()) - 1) < 1e-2
+    assert b.train_x.is_contiguous()
+
+
+def test_split_is_deterministic_and_stratified():
+    y = np.repeat(np.arange(5), 40)
+    tr1, va1 = stratified_split(y, 0.25, seed=3)
+    tr2, va2 = stratified_split(y, 0.25, seed=3)
+    tr3, _ = stratified_split(y, 0.25, seed=4)
+    assert np.array_equal(va1, va2) and not np.array_equal(tr1, tr3)
+    assert set(np.bincount(y[va1])) == {10}
+    assert not set(tr1) & set(va1)
+
+
+def test_mnist1d_official_split_offline():
+    b = load_data(Mnist1dData(dataset="mnist1d", num_samples=1000))
+    assert b.input_shape == (1, 40) and len(b.train) == 800 and len(b.val) == 200
+
+
+def test_npz_source(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3, 4)).astype(np.float32), y=np.arange(60) % 3)
+    b = load_data(NpzData(dataset="npz", path=tmp_path / "d.npz", val_fraction=0.2))
+    assert b.input_shape == (3, 4) and b.num_classes == 3 and len(b.val) == 12
+    np.savez(tmp_path / "bad.npz", features=np.zeros((4, 2)))
+    with pytest.raises(DataError, match="no array named x"):
+        load_data(NpzData(dataset="npz", path=tmp_path / "bad.npz"))
+
+
+def test_imagefolder_source(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for cls in (0, 1):
+        folder = tmp_path / f"class{cls}"
+        folder.mkdir()
+        for i, img in enumerate(digits.images[digits.target == cls][:10]):
+            Image.fromarray((img * 15).astype(np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "class0" / "notes.txt").write_text("ignored")
+    b = load_data(ImageFolderData(dataset="imagefolder", path=tmp_path, image_size=16, channels=1))
+    assert b.input_shape == (1, 16, 16) and b.num_classes == 2 and len(b.train) + len(b.val) == 20
+
+
+def test_factory_source():
+    b = load_data(FactoryData(dataset="factory", factory="tests.factories:digits_datasets", kwargs={"n": 200}))
+    assert b.input_shape == (64,) and len(b.train) == 150 and len(b.val) == 50
+
+
+def test_calibration_batch_from_train_split(digits8):
+    batch = digits8.calibration_batch(32, seed=1)
+    assert batch.shape == (32, 1, 8, 8)
+    train_rows = {tuple(r.flatten().tolist()) for r in digits8.train_x}
+    assert all(tuple(r.flatten().tolist()) in train_rows for r in batch)
+    assert torch.equal(batch, digits8.calibration_batch(32, seed=1))
+    with pytest.raises(DataError, match="calibration samples"):
+        digits8.calibration_batch(len(digits8.train) + 1)
