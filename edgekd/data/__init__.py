@@ -33,11 +33,13 @@ def load_data(cfg, seed: int = 0) -> DataBundle:
     if len(x) == 0 or len(xv) == 0:
         raise DataError(f"dataset {cfg.dataset} gave an empty split ({len(x)} train, {len(xv)} val)")
     num_classes = int(max(y.max(), yv.max())) + 1
+    normalization = None
     if cfg.normalize:
         axes = (0,) + tuple(range(2, x.ndim))
         mean = x.mean(axis=axes, keepdims=True)
         std = x.std(axis=axes, keepdims=True) + 1e-6
         x, xv = (x - mean) / std, (xv - mean) / std
+        normalization = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     return DataBundle(
         train=TensorDataset(to_t(x), torch.from_numpy(y)),
@@ -45,6 +47,7 @@ def load_data(cfg, seed: int = 0) -> DataBundle:
         num_classes=num_classes,
         input_shape=tuple(int(s) for s in x.shape[1:]),
         name=cfg.dataset,
+        normalization=normalization,
     )
 
 

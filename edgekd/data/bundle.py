@@ -24,6 +24,13 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str = "data"
+    #: per-channel mean/std subtracted/divided before the model; deployed models expect the same
+    normalization: dict[str, list[float]] | None = None
+
+    def describe(self) -> dict:
+        return {"dataset": self.name, "train_samples": len(self.train), "val_samples": len(self.val),
+                "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+                "normalization": self.normalization}
 
     @property
     def train_x(self) -> torch.Tensor:

@@ -117,6 +117,7 @@ class Runner:
                 atomic_write_text(self.run_dir.path / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
             seed_everything(self.recipe.seed)
             data = load_data(self.recipe.data, self.recipe.seed)
+            self.manifest["data"] = data.describe()
             self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
                                f"({len(data.train)} train / {len(data.val)} val samples, device {device})")
             ctx = self._run_teacher(data, device)
