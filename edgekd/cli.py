@@ -84,9 +84,9 @@ def main() -> None:
     except EdgekdError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {_escape(exc.message)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {_escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"  [yellow]hint:[/] {_escape(exc.hint)}", highlight=False)
+            err_console.print(f"  [yellow]hint:[/] {_escape(exc.hint)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

@@ -59,7 +59,7 @@ def test_wrong_type_names_line(tmp_path):
 
 def test_bad_choice_lists_valid_choices(tmp_path):
     err = error_of(tmp_path, GOOD.replace("dataset: digits", "dataset: digitz"))
-    assert err.line == 4 and err.key == "data"
+    assert err.line == 4 and err.key == "data.dataset"
     assert "did you mean 'digits'" in err.hint and "mnist1d" in err.hint
 
 

@@ -40,6 +40,33 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _swaps(model: nn.Module) -> dict[str, str]:
+    """Modules a stage replaced by an edgekd class (e.g. head-prunable attention): name -> class.
+
+    Only classes under ``edgekd.`` that offer ``from_module(original)`` are recorded, so loading
+    never imports code a checkpoint names from elsewhere.
+    """
+    return {name: f"{type(m).__module__}:{type(m).__qualname__}" for name, m in model.named_modules()
+            if name and type(m).__module__.startswith("edgekd.") and hasattr(type(m), "from_module")}
+
+
+def _apply_swaps(model: nn.Module, swaps: dict[str, str]) -> None:
+    import importlib
+
+    for name, qualified in swaps.items():
+        module_name, _, cls_name = qualified.partition(":")
+        if not module_name.startswith("edgekd."):
+            raise ModelError(f"portable checkpoint asks for module class {qualified!r}, outside edgekd")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, attr, None)
+        if original is None:
+            raise ModelError(f"portable checkpoint names module {name!r}, which the architecture lacks")
+        if not isinstance(original, cls):
+            setattr(parent, attr, cls.from_module(original))
+
+
 def save_portable(model: nn.Module, path: Path, *, spec: ModelSpec, num_classes: int,
                   input_shape: tuple[int, ...], extra: dict[str, Any] | None = None) -> None:
     payload = {
@@ -47,6 +74,7 @@ def save_portable(model: nn.Module, path: Path, *, spec: ModelSpec, num_classes:
         "spec": spec.model_dump(mode="json"),
         "num_classes": int(num_classes),
         "input_shape": [int(s) for s in input_shape],
+        "swaps": _swaps(model),
         "structure": _structure(model),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "extra": extra or {},
@@ -88,6 +116,7 @@ def load_portable(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = ModelSpec.model_validate(payload["spec"])
     input_shape = tuple(payload["input_shape"])
     model = spec.build(payload["num_classes"], input_shape)
+    _apply_swaps(model, payload.get("swaps", {}))
     _apply_structure(model, payload["structure"])
     _resize_tensors(model, payload["state_dict"])
     from edgekd.models.checkpoint import load_state_dict_checked

@@ -86,6 +86,8 @@ def _valid_keys(model: type[BaseModel]) -> list[str]:
 def _format_error(err: dict, data: Any, lines: dict, file: str, overridden: set[PathT]) -> RecipeError:
     loc = tuple(err["loc"])
     path = _data_path(loc, data)
+    if err["type"] == "union_tag_invalid":  # point at the discriminator's own line
+        path = (*path, str(err.get("ctx", {}).get("discriminator", "")).strip("'"))
     dotted = ".".join(str(p) for p in path) or "(top level)"
     line = None
     for n in range(len(path), -1, -1):

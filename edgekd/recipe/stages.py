@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from edgekd.distill.config import DistillConfig, FinetuneConfig
+from edgekd.export.config import ExportConfig
+from edgekd.prune.config import PruneConfig
+from edgekd.quantize.config import QuantizeConfig
 from edgekd.recipe.base import StrictModel
 
 
@@ -15,6 +19,11 @@ class StageEntry(StrictModel):
     """One item of ``stages:``. Exactly one field is set."""
 
     # one line per stage: `<recipe key>: <ConfigClass> | None = None`
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    finetune: FinetuneConfig | None = None
+    export: ExportConfig | None = None
+    quantize: QuantizeConfig | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StageEntry:

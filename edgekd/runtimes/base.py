@@ -1,7 +1,7 @@
 """One interface for every inference runtime (PyTorch eager, ONNX Runtime, ORT Mobile, ExecuTorch).
 
-The benchmark and the parity checks use only this interface. A runtime module registers
-itself by the artifact kind it runs; see ``edgekd.runtimes.registry``.
+The benchmark and the parity checks use only this interface. Each runtime module defines one
+``Runtime`` subclass; ``edgekd.runtimes.registry`` maps recipe names to them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,27 @@ from typing import ClassVar
 
 import numpy as np
 
+from edgekd.errors import StageError
+
 
 class LoadedModel(ABC):
     """A model loaded into one runtime, with a fixed thread count."""
 
+    #: the runtime's ``name`` and the thread count the model was loaded with
+    runtime: str = ""
+    threads: int = 1
+    #: the largest batch one ``run`` call accepts (None: any); ExecuTorch plans memory for a bound
+    max_batch: int | None = None
+
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run one float32 batch (N, ...) and return logits (N, classes) as float32."""
+
+    def run_in_batches(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Logits for many samples, ``batch_size`` (capped at ``max_batch``) at a time."""
+        step = max(1, min(batch_size, self.max_batch or batch_size))
+        parts = [self.run(np.ascontiguousarray(x[i:i + step], dtype=np.float32)) for i in range(0, len(x), step)]
+        return np.concatenate(parts, axis=0)
 
 
 class Runtime(ABC):
@@ -26,6 +40,8 @@ class Runtime(ABC):
 
     #: short stable id used in recipes and reports: "torch", "onnxruntime", "ort-mobile", "executorch"
     name: ClassVar[str]
+    #: the artifact format it runs: "torch" (portable .pt), "onnx", "ort", "pte"
+    fmt: ClassVar[str]
     #: the pip extra that installs it, named in the one-line "not installed" message
     extra: ClassVar[str | None] = None
 
@@ -37,3 +53,18 @@ class Runtime(ABC):
     @abstractmethod
     def load(self, artifact: Path, threads: int) -> LoadedModel:
         """Load an artifact file; raise ``edgekd.errors.StageError`` with a clear message on a bad file."""
+
+    # -- helpers shared by the runtime modules ---------------------------------
+    def _check_file(self, artifact: Path, threads: int) -> Path:
+        artifact = Path(artifact)
+        if threads < 1:
+            raise StageError(f"{self.name}: thread count must be at least 1, got {threads}")
+        if not artifact.is_file():
+            raise StageError(f"{self.name}: artifact {artifact} does not exist",
+                             hint=f"export one first: edgekd export MODEL --to {self.fmt}")
+        return artifact
+
+    def _bad_artifact(self, artifact: Path, exc: BaseException) -> StageError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return StageError(f"{self.name} cannot load {artifact} as a .{self.fmt} model: {first}",
+                          hint="the file is truncated, corrupt or of another format; export it again")

@@ -1,0 +1,127 @@
+"""The ``benchmark`` stage: teacher against student on every runtime the recipe names.
+
+Runs after the recipe's stages. For each runtime it takes the run's artifacts of that runtime's
+format (the export and quantize stages make them: ``teacher.onnx``, ``student.ort``,
+``student.int8.onnx``, ...); the torch runtime runs portable checkpoints, which this stage
+writes to ``artifacts/<role>.pt`` when no stage did. Accuracy is scored on the validation split
+against the PyTorch teacher's logits. Everything goes to ``benchmark.json`` in the run
+directory, and a summary to ``report_data["benchmark"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from rich.console import Console
+
+from edgekd.bench.config import BenchmarkConfig
+from edgekd.bench.engine import BenchInputs, Candidate, TimingGroup, run_benchmark, unavailable_note
+from edgekd.bench.results import BenchmarkResult, Note
+from edgekd.fileio import atomic_write_json
+from edgekd.models.evaluate import predict_logits
+from edgekd.models.stats import count_params_macs
+from edgekd.pipeline.context import Artifact, RunContext
+from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.runtimes.registry import RUNTIMES
+
+BENCHMARK_FILE = "benchmark.json"
+ROLES: tuple[str, ...] = ("teacher", "student")
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+
+#: what to tell a user whose run lacks a runtime's file (by format)
+_MAKE_HINT: dict[str, str] = {
+    "onnx": "add 'onnx' to export.formats",
+    "ort": "add 'ort' to export.formats",
+    "pte": "add 'pte' to export.formats",
+    "torch": "the benchmark stage writes it itself",
+}
+
+
+def _portable_checkpoint(ctx: RunContext, role: str) -> Artifact:
+    """The role's model as an edgekd portable ``.pt`` (what the torch runtime loads)."""
+    from edgekd.models.portable import save_portable
+    from edgekd.pipeline.teacher import teacher_spec
+
+    existing = ctx.artifact(role, "torch")
+    if existing is not None and existing.status == "ok" and existing.path.is_file():
+        return existing
+    spec = teacher_spec(ctx.recipe) if role == "teacher" else (ctx.recipe.student.spec() or teacher_spec(ctx.recipe))
+    path = ctx.run_dir.path / "artifacts" / f"{role}.pt"
+    save_portable(getattr(ctx, role), path, spec=spec, num_classes=ctx.data.num_classes,
+                  input_shape=ctx.data.input_shape, extra={"role": role, "written_by": "benchmark"})
+    artifact = Artifact(role=role, fmt="torch", path=path, info={"file_bytes": path.stat().st_size})
+    ctx.add_artifact(artifact)
+    return artifact
+
+
+def _group(ctx: RunContext, runtime: str, counts: dict[str, tuple[int, int]], notes: list[Note]) -> TimingGroup:
+    fmt = RUNTIMES[runtime].fmt
+    candidates: list[Candidate] = []
+    for role in ROLES:
+        for precision in PRECISIONS:
+            artifact = (_portable_checkpoint(ctx, role) if fmt == "torch" and precision == "fp32"
+                        else ctx.artifact(role, fmt, precision))
+            if artifact is None:
+                if precision == "fp32":
+                    notes.append(Note(runtime=runtime, message=f"no {role} .{fmt} artifact in this run, so no "
+                                                               f"{role} on {runtime} ({_MAKE_HINT[fmt]})"))
+                continue
+            if artifact.status != "ok" or not artifact.path.is_file():
+                why = artifact.info.get("error") or ("file missing" if not artifact.path.is_file() else "failed")
+                notes.append(Note(runtime=runtime, message=f"the {role} {precision} .{fmt} artifact is not usable: "
+                                                           f"{why}"))
+                continue
+            params, macs = counts[role]
+            candidates.append(Candidate(runtime=runtime, role=role, precision=precision, path=artifact.path, params=params, macs=macs))
+    return TimingGroup(name=runtime, candidates=candidates)
+
+
+def summarize(result: BenchmarkResult) -> dict[str, Any]:
+    """The compact view for ``report_data["benchmark"]`` and the manifest."""
+    rows = []
+    for t in result.timings:
+        if t.latency is None:
+            continue
+        rows.append({"runtime": t.runtime, "threads": t.threads, "batch_size": t.batch_size, "model": t.label,
+                     "p50_ms": round(t.latency.p50_ms, 4), "speedup_vs_teacher": t.speedup_vs_teacher})
+    accuracy = [{"runtime": m.runtime, "model": m.label, "top1_pct": m.accuracy.top1_pct,
+                 "agreement_pct": m.accuracy.agreement_pct} for m in result.models if m.accuracy is not None]
+    return {"file": BENCHMARK_FILE, "latency_p50": rows, "accuracy": accuracy,
+            "notes": [n.message for n in result.notes]}
+
+
+@register_stage(BenchmarkConfig)
+class BenchmarkStage(Stage[BenchmarkConfig]):
+    name: ClassVar[str] = "benchmark"
+
+    def run(self, ctx: RunContext) -> None:
+        cfg = self.config
+        console = Console(stderr=True)
+        x_val, y_val = ctx.data.val_tensors(cfg.accuracy_samples)
+        example = ctx.data.example_batch(1)
+        counts: dict[str, tuple[int, int]] = {}
+        for role in ROLES:
+            model = getattr(ctx, role)
+            device = next(model.parameters()).device
+            counts[role] = count_params_macs(model, example.to(device))
+        reference = predict_logits(ctx.teacher, x_val).numpy()
+        inputs = BenchInputs(
+            x=x_val.numpy(), labels=y_val.numpy().astype(np.int64), reference_logits=reference,
+            description=f"real validation samples of {ctx.data.name} (repeated to fill a batch when fewer)",
+            reference_description="the PyTorch teacher (eager, FP32) on the same samples")
+        notes: list[Note] = []
+        groups = []
+        for runtime in cfg.runtimes:  # one group per runtime: its teacher, student and INT8 student files
+            missing = unavailable_note(runtime)
+            if missing is not None:
+                notes.append(missing)
+            else:
+                groups.append(_group(ctx, runtime, counts, notes))
+        result = run_benchmark(groups, cfg, inputs, source="run", root=ctx.run_dir.path, notes=notes,
+                               console=console)
+        path: Path = ctx.run_dir.path / BENCHMARK_FILE
+        atomic_write_json(path, result.to_json())
+        ctx.stage_outputs.append(path)
+        ctx.report_data["benchmark"] = summarize(result)

@@ -1,0 +1,101 @@
+"""The ``distill`` and ``finetune`` recipe sections.
+
+Both are ``TrainConfig`` (epochs, lr, schedule, ... for the same trainer) plus, for
+``distill``, the temperature, the soft/hard blend and a list of loss terms:
+
+    - distill:
+        epochs: 15
+        temperature: 4
+        alpha: 0.9
+        losses:
+          - {kind: kd}
+          - {kind: hint, student_layer: layer2, teacher_layer: layer2, weight: 1.0}
+          - {kind: attention, student_layer: layer3, teacher_layer: layer3}
+          - {kind: rkd}                      # on the logits unless layers are named
+
+Layers are module paths as printed by ``model.named_modules()`` (``layer2.0.conv1``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from edgekd.recipe.base import StrictModel
+from edgekd.train.config import TrainConfig
+
+
+class KDTerm(StrictModel):
+    """Hinton et al. 2015: alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·CE(student, labels)."""
+
+    kind: Literal["kd"]
+    weight: float = Field(1.0, ge=0.0, description="multiplies the whole term")
+
+
+class _LayerPair(StrictModel):
+    student_layer: str = Field(..., min_length=1, description="module path in the student, e.g. layer2")
+    teacher_layer: str = Field(..., min_length=1, description="module path in the teacher")
+
+
+class HintTerm(_LayerPair):
+    """FitNets (Romero et al. 2015): MSE between the features of two named layers. A 1x1 conv (or
+    linear) adaptor maps the student's channels to the teacher's when they differ; it is trained
+    with the student and never exported."""
+
+    kind: Literal["hint"]
+    weight: float = Field(1.0, ge=0.0, description="multiplies the MSE")
+
+
+class AttentionTerm(_LayerPair):
+    """Attention transfer (Zagoruyko & Komodakis 2017): match the L2-normalised spatial maps
+    mean_c(|f|^p) of two named conv layers; channel counts may differ."""
+
+    kind: Literal["attention"]
+    weight: float = Field(500.0, ge=0.0, description="the paper's beta/2 with beta = 1e3 (its reference code)")
+    p: int = Field(2, ge=1, le=4, description="exponent of the activation magnitude")
+
+
+class RKDTerm(StrictModel):
+    """Relational KD (Park et al. 2019): match the pairwise distances and triplet angles of a
+    batch's embeddings. Embeddings are the logits unless both layers are named."""
+
+    kind: Literal["rkd"]
+    weight: float = Field(1.0, ge=0.0, description="multiplies distance_weight·D + angle_weight·A")
+    distance_weight: float = Field(25.0, ge=0.0, description="paper: 25")
+    angle_weight: float = Field(50.0, ge=0.0, description="paper: 50")
+    student_layer: str | None = Field(None, min_length=1, description="module path; None = the logits")
+    teacher_layer: str | None = Field(None, min_length=1, description="module path; None = the logits")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> RKDTerm:
+        if (self.student_layer is None) != (self.teacher_layer is None):
+            raise ValueError("name both student_layer and teacher_layer, or neither (then the logits are used)")
+        return self
+
+
+LossTerm = Annotated[KDTerm | HintTerm | AttentionTerm | RKDTerm, Field(discriminator="kind")]
+
+
+class DistillConfig(TrainConfig):
+    """Train the student against the teacher (the recovery step after pruning/quantization)."""
+
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature T of the kd term")
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="kd term: share of the soft (teacher) loss; 1 - alpha "
+                         "goes to the hard-label cross-entropy")
+    losses: list[LossTerm] = Field(default_factory=lambda: [KDTerm(kind="kd")], min_length=1,
+                                   description="loss terms, summed with their weights; without a kd term the "
+                                               "hard-label cross-entropy is still included")
+    teacher_cache: bool = Field(True, description="compute the teacher's outputs once and reuse them every epoch "
+                                                  "(the training data has no random augmentation)")
+    cache_max_mb: float = Field(1024.0, gt=0.0, description="skip the cache when it would need more memory")
+
+    @model_validator(mode="after")
+    def _one_kd_term(self) -> DistillConfig:
+        if sum(isinstance(t, KDTerm) for t in self.losses) > 1:
+            raise ValueError("give at most one kd term (its weight sets its strength)")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    """Hard labels only, on the same trainer: the baseline distillation has to beat."""

@@ -1,0 +1,183 @@
+"""The distillation objective: the student's loss against the teacher, for ``fit``.
+
+It owns the teacher, the forward hooks on both models, the hint adaptors (trained with the
+student, checkpointed by the trainer, never exported) and the teacher-output cache.
+
+Teacher-output cache: the teacher is frozen and in eval mode, and the ``DataBundle`` training
+split has no random augmentation, so the teacher's logits (and hooked features) for a sample are
+the same every epoch. They are computed once, kept on the training device and looked up by
+sample index, which removes the teacher's forward pass from every training step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgekd.data.bundle import DataBundle
+from edgekd.distill.config import AttentionTerm, DistillConfig, HintTerm, KDTerm, LossTerm, RKDTerm
+from edgekd.distill.hooks import FeatureTap
+from edgekd.distill.losses import (
+    HintAdaptor,
+    attention_loss,
+    hint_loss,
+    kd_loss,
+    rkd_angle,
+    rkd_distance,
+)
+from edgekd.train.objectives import Batch, LossOutput, Objective
+
+TermValue = tuple[Tensor, dict[str, Tensor]]
+
+#: teacher forward passes while building the cache run on chunks of this many samples
+CACHE_CHUNK = 256
+
+
+def term_layers(term: LossTerm) -> tuple[str | None, str | None]:
+    """(student layer, teacher layer) a term reads; None means the model's logits."""
+    return getattr(term, "student_layer", None), getattr(term, "teacher_layer", None)
+
+
+class DistillObjective(Objective):
+    def __init__(self, teacher: nn.Module, losses: list[LossTerm], *, temperature: float = 4.0,
+                 alpha: float = 0.9, cache: bool = True, cache_max_mb: float = 1024.0) -> None:
+        self.teacher = teacher
+        self.losses = list(losses)
+        self.temperature, self.alpha = temperature, alpha
+        self.use_cache, self.cache_max_mb = cache, cache_max_mb
+        self.student_layers = sorted({s for s, _ in map(term_layers, self.losses) if s is not None})
+        self.teacher_layers = sorted({t for _, t in map(term_layers, self.losses) if t is not None})
+        self.adaptors = nn.ModuleDict()
+        self.cache_info: dict[str, Any] = {"enabled": False, "reason": "not built yet"}
+        self._cache: dict[str, Tensor] | None = None
+        self._student_tap: FeatureTap | None = None
+        self._teacher_tap: FeatureTap | None = None
+        self._teacher_device: torch.device | None = None
+        self._teacher_was_training = False
+        self._terms: dict[type, Callable[..., TermValue]] = {
+            KDTerm: self._kd, HintTerm: self._hint, AttentionTerm: self._attention, RKDTerm: self._rkd,
+        }
+
+    @classmethod
+    def from_config(cls, teacher: nn.Module, config: DistillConfig) -> DistillObjective:
+        return cls(teacher, config.losses, temperature=config.temperature, alpha=config.alpha,
+                   cache=config.teacher_cache, cache_max_mb=config.cache_max_mb)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, data: DataBundle, device: torch.device) -> None:
+        self._teacher_device = next(self.teacher.parameters()).device
+        self._teacher_was_training = self.teacher.training
+        # the teacher is only ever run under no_grad: its parameters are left as they are
+        self.teacher.to(device).eval()
+        self._student_tap = FeatureTap(model, self.student_layers, role="student")
+        self._teacher_tap = FeatureTap(self.teacher, self.teacher_layers, role="teacher")
+        example = data.example_batch(2).to(device)
+        s_feats, t_feats = self._probe(model, example)
+        for i, term in enumerate(self.losses):
+            if isinstance(term, HintTerm) and str(i) not in self.adaptors:
+                self.adaptors[str(i)] = HintAdaptor(s_feats[term.student_layer].shape,
+                                                    t_feats[term.teacher_layer].shape)
+        self.adaptors.to(device)
+        self._cache = self._build_cache(data, device, t_feats) if self.use_cache else None
+        if not self.use_cache:
+            self.cache_info = {"enabled": False, "reason": "teacher_cache: false"}
+
+    def _probe(self, model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(example)
+                self.teacher(example)
+        finally:
+            model.train(was_training)
+        return dict(self._student_tap.features), dict(self._teacher_tap.features)
+
+    def _build_cache(self, data: DataBundle, device: torch.device, t_feats: dict[str, Tensor]) -> dict | None:
+        n = len(data.train)
+        per_sample = data.num_classes + sum(math.prod(f.shape[1:]) for f in t_feats.values())
+        megabytes = n * per_sample * 4 / 2**20
+        if megabytes > self.cache_max_mb:
+            self.cache_info = {"enabled": False, "megabytes": round(megabytes, 1),
+                               "reason": f"needs {megabytes:.0f} MB > cache_max_mb {self.cache_max_mb:g}"}
+            return None
+        started = time.perf_counter()
+        chunks: dict[str, list[Tensor]] = {"logits": [], **{name: [] for name in self.teacher_layers}}
+        with torch.no_grad():
+            for start in range(0, n, CACHE_CHUNK):
+                x = data.train_x[start:start + CACHE_CHUNK].to(device).contiguous()
+                chunks["logits"].append(self.teacher(x).float())
+                for name in self.teacher_layers:
+                    chunks[name].append(self._teacher_tap.features[name].float())
+        cache = {name: torch.cat(parts) for name, parts in chunks.items()}
+        self.cache_info = {"enabled": True, "megabytes": round(megabytes, 2),
+                           "build_time_s": round(time.perf_counter() - started, 4), "samples": n}
+        return cache
+
+    def extra_modules(self) -> nn.Module | None:
+        return self.adaptors if len(self.adaptors) else None
+
+    def teardown(self) -> None:
+        for tap in (self._student_tap, self._teacher_tap):
+            if tap is not None:
+                tap.remove()
+        self._student_tap = self._teacher_tap = None
+        self._cache = None
+        if self._teacher_device is not None:
+            self.teacher.to(self._teacher_device).train(self._teacher_was_training)
+
+    # -- the loss -----------------------------------------------------------------------------
+    def _teacher_outputs(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._cache is not None:
+            index = batch.index.to(self._cache["logits"].device)
+            return self._cache["logits"][index], {name: self._cache[name][index] for name in self.teacher_layers}
+        with torch.no_grad():
+            logits = self.teacher(batch.x)
+        return logits, dict(self._teacher_tap.features)
+
+    def compute(self, model: nn.Module, batch: Batch) -> LossOutput:
+        self._student_tap.clear()
+        s_logits = model(batch.x)
+        s_feats = self._student_tap.features
+        t_logits, t_feats = self._teacher_outputs(batch)
+        total = torch.zeros((), device=s_logits.device)
+        parts: dict[str, Tensor] = {}
+        for i, term in enumerate(self.losses):
+            loss, logged = self._terms[type(term)](i, term, s_logits, s_feats, t_logits, t_feats, batch.y)
+            total = total + term.weight * loss
+            parts.update(logged)
+        if not any(isinstance(t, KDTerm) for t in self.losses):
+            ce = F.cross_entropy(s_logits.float(), batch.y)
+            total = total + ce
+            parts["ce"] = ce.detach()
+        return LossOutput(total=total, logits=s_logits, parts=parts)
+
+    # each term: (unweighted loss, {metric name: detached value})
+    def _kd(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
+        loss, logged = kd_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha)
+        return loss, logged
+
+    def _hint(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
+        loss = hint_loss(self.adaptors[str(i)](s_feats[term.student_layer]), t_feats[term.teacher_layer])
+        return loss, {f"hint{i}": loss.detach()}
+
+    def _attention(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
+        loss = attention_loss(s_feats[term.student_layer], t_feats[term.teacher_layer], term.p)
+        return loss, {f"attention{i}": loss.detach()}
+
+    def _rkd(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
+        s = s_logits if term.student_layer is None else s_feats[term.student_layer]
+        t = t_logits if term.teacher_layer is None else t_feats[term.teacher_layer]
+        distance, angle = rkd_distance(s, t), rkd_angle(s, t)
+        loss = term.distance_weight * distance + term.angle_weight * angle
+        return loss, {f"rkd{i}_distance": distance.detach(), f"rkd{i}_angle": angle.detach()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"objective": "distill", "temperature": self.temperature, "alpha": self.alpha,
+                "losses": [t.model_dump() for t in self.losses], "teacher_cache": self.cache_info,
+                "adaptors": {i: type(a.proj).__name__ for i, a in self.adaptors.items()}}

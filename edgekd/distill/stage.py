@@ -1,0 +1,112 @@
+"""The ``distill`` and ``finetune`` stages: recovery training of the student on the shared trainer.
+
+Both train on every rank under torchrun (``main_process_only = False``): the trainer wraps the
+student in DDP and only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgekd.distill.config import AttentionTerm, DistillConfig, FinetuneConfig, HintTerm
+from edgekd.distill.hooks import probe, resolve_layer
+from edgekd.distill.losses import HintAdaptor
+from edgekd.distill.objective import DistillObjective, term_layers
+from edgekd.errors import RecipeError
+from edgekd.models.stats import count_params_macs
+from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
+from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.train.objectives import CrossEntropyObjective, Objective
+from edgekd.train.trainer import FitResult, fit
+
+
+def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.Module,
+                         example: torch.Tensor) -> None:
+    """Layer names exist, shapes fit each loss, and both models predict the same classes:
+    one eval-mode forward of ``example`` through each model. Raises ``RecipeError``."""
+    for i, term in enumerate(config.losses):
+        s_name, t_name = term_layers(term)
+        if s_name is not None:
+            resolve_layer(student, s_name, key=f"distill.losses.{i}.student_layer", role="student")
+        if t_name is not None:
+            resolve_layer(teacher, t_name, key=f"distill.losses.{i}.teacher_layer", role="teacher")
+    s_names = sorted({s for s, _ in map(term_layers, config.losses) if s is not None})
+    t_names = sorted({t for _, t in map(term_layers, config.losses) if t is not None})
+    s_logits, s_feats = probe(student, example, s_names)
+    t_logits, t_feats = probe(teacher, example, t_names)
+    if s_logits.shape[-1] != t_logits.shape[-1]:
+        raise RecipeError(f"the student predicts {s_logits.shape[-1]} classes but the teacher {t_logits.shape[-1]}",
+                          key="distill", hint="distillation needs the same classes; set the student's num_classes")
+    for i, term in enumerate(config.losses):
+        if not isinstance(term, (HintTerm, AttentionTerm)):
+            continue
+        s_shape, t_shape = s_feats[term.student_layer].shape, t_feats[term.teacher_layer].shape
+        where = (f"student {term.student_layer!r} gives {tuple(s_shape)}, "
+                 f"teacher {term.teacher_layer!r} gives {tuple(t_shape)}")
+        if len(s_shape) != len(t_shape):
+            raise RecipeError(f"{term.kind} needs features of the same rank: {where}", key=f"distill.losses.{i}",
+                              hint="pair layers of the same kind (e.g. two conv blocks)")
+        if isinstance(term, AttentionTerm) and len(s_shape) < 3:
+            raise RecipeError(f"attention transfer needs spatial feature maps (N, C, H, W): {where}",
+                              key=f"distill.losses.{i}", hint="name conv layers or blocks, or use kind: hint")
+        if isinstance(term, HintTerm):
+            try:
+                HintAdaptor(s_shape, t_shape)
+            except ValueError as exc:
+                raise RecipeError(f"hint: {exc}", key=f"distill.losses.{i}") from None
+
+
+def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective) -> None:
+    """The ledger row and the report data of a training stage."""
+    example = ctx.data.example_batch(1).to(ctx.device)
+    params, macs = count_params_macs(ctx.student, example)
+    cache = getattr(objective, "cache_info", None)
+    data: dict[str, Any] = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "mean_train_time_s": round(result.mean_train_time_s, 4),
+        "objective": objective.describe(),
+        "history": result.history,
+    }
+    if cache is not None and cache.get("enabled"):
+        # one cached pass replaced a teacher forward pass in every epoch after the first
+        data["teacher_cache"] = {**cache, "estimated_saving_s": round(cache["build_time_s"] * (result.epochs_run - 1), 3)}
+    elif cache is not None:
+        data["teacher_cache"] = cache
+    ctx.report_data[stage] = data
+    ctx.ledger.append(LedgerRow(stage=stage, params=params, macs=macs, val_accuracy=result.best_val_accuracy,
+                                notes={"epochs": result.epochs_run, "best_epoch": result.best_epoch}))
+    ctx.stage_outputs.extend(p for p in (result.checkpoint, result.checkpoint.parent / "metrics.csv") if p.is_file())
+
+
+@register_stage(DistillConfig)
+class DistillStage(Stage[DistillConfig]):
+    name = "distill"
+    main_process_only = False
+
+    def check(self, ctx: ValidationContext) -> None:
+        check_distill_layers(self.config, ctx.teacher, ctx.student, ctx.example_batch)
+
+    def run(self, ctx: RunContext) -> None:
+        objective = DistillObjective.from_config(ctx.teacher, self.config)
+        result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
+        record_training(ctx, self.name, result, objective)
+
+
+@register_stage(FinetuneConfig)
+class FinetuneStage(Stage[FinetuneConfig]):
+    name = "finetune"
+    main_process_only = False
+
+    def run(self, ctx: RunContext) -> None:
+        objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
+        result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
+        record_training(ctx, self.name, result, objective)

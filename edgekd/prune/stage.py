@@ -1,0 +1,176 @@
+"""The ``prune`` stage: cut the student's channels to the recipe's target and report the cost.
+
+The report gets counted figures (parameters and MACs from torch-pruning's tracer), the width
+of every layer before and after, and measured latency: teacher and student exported to ONNX
+and timed side by side on ONNX Runtime at the probe's thread count and batch sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgekd.bench.latency import paired_speedup
+from edgekd.errors import EdgekdError, RecipeError
+from edgekd.fileio import atomic_write_json
+from edgekd.models.evaluate import top1_accuracy
+from edgekd.models.stats import count_params_macs
+from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
+from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.prune.batchnorm import recalibrate_batchnorm
+from edgekd.prune.config import LatencyTarget, PruneConfig, RatioTarget, ReductionTarget, SpeedupTarget
+from edgekd.prune.importance import NEEDS_BATCHNORM, NEEDS_GRADIENTS, has_batchnorm
+from edgekd.prune.latency import export_shipping, measure_models_at, timing_batch
+from edgekd.prune.pruner import channel_rows, layer_widths, missing_layers, unknown_layer_hint
+from edgekd.prune.targets import PruneEnv, ReductionObjective, prune_at_ratio, reach_target
+from edgekd.runtimes.registry import get_runtime
+
+#: real training samples used to trace the graph and to build timing batches
+SAMPLES = 64
+
+
+def _cpu_copy_if_needed(model: nn.Module) -> nn.Module:
+    """ONNX export and timing run on the CPU; leave the caller's model where it is."""
+    param = next(model.parameters(), None)
+    return model if param is None or param.device.type == "cpu" else copy.deepcopy(model).cpu()
+
+
+def _counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    params, macs = count_params_macs(model, example)
+    return {"params": params, "macs": macs}
+
+
+def probe_latency(models: dict[str, nn.Module], samples: torch.Tensor, config: PruneConfig) -> list[dict[str, Any]]:
+    """Rows of measured ONNX Runtime latency (ms, p50/p90) per model and batch size, timed side by side."""
+    probe = config.probe
+    if probe is None:
+        return []
+    rows = []
+    batches = [timing_batch(samples, batch_size) for batch_size in probe.batch_sizes]
+    measured = measure_models_at(models, batches, threads=probe.threads, min_time_s=probe.min_time_s,
+                                 export=export_shipping)
+    for batch_size, timed in zip(probe.batch_sizes, measured, strict=True):
+        row: dict[str, Any] = {"runtime": "onnxruntime", "threads": probe.threads, "batch_size": batch_size}
+        for name, stats in timed.items():
+            row[name] = {"p50_ms": round(stats.p50_ms, 4), "p90_ms": round(stats.p90_ms, 4), "iters": stats.iters}
+        # paired: the median of teacher/student over back-to-back calls (see paired_speedup)
+        row["speedup_vs_teacher"] = round(paired_speedup(timed["teacher"], timed["student"]), 3)
+        rows.append(row)
+    return rows
+
+
+@register_stage(PruneConfig)
+class PruneStage(Stage[PruneConfig]):
+    name = "prune"
+
+    # -- validation (no training, untrained models, one real batch) -------------------------------
+    def check(self, ctx: ValidationContext) -> None:
+        cfg = self.config
+        missing = missing_layers(ctx.student, cfg.ignored_layers)
+        if missing:
+            raise RecipeError(f"ignored layer {missing[0]!r} is not a module of the student",
+                              key="prune.ignored_layers", hint=unknown_layer_hint(ctx.student, missing[0]))
+        if cfg.importance in NEEDS_BATCHNORM and not has_batchnorm(ctx.student):
+            raise RecipeError(f"importance {cfg.importance!r} ranks channels by BatchNorm scale, but the "
+                              f"student has no BatchNorm layer", key="prune.importance",
+                              hint="use l1, l2, lamp or taylor for this model")
+        if isinstance(cfg.target, (LatencyTarget, SpeedupTarget)):
+            get_runtime(cfg.target.runtime)  # raises RuntimeUnavailableError when it is not installed
+        self._check_prunes(ctx)
+
+    def _check_prunes(self, ctx: ValidationContext) -> None:
+        """Prune a copy (to the ratio, or to the largest allowed ratio for a counted target): the
+        model must trace, still run, and a MACs/params target must be reachable at all."""
+        cfg = self.config
+        # structure only: weights are untrained here, and Taylor would need training batches
+        probe_cfg = cfg.model_copy(update={"importance": "l2"} if cfg.importance in NEEDS_GRADIENTS else {})
+        target = cfg.target
+        ratio = target.ratio if isinstance(target, RatioTarget) else cfg.max_layer_ratio
+        env = PruneEnv(config=probe_cfg, samples=ctx.example_batch, teacher=ctx.teacher)
+        candidate = copy.deepcopy(ctx.student)
+        try:
+            prune_at_ratio(candidate, env, ratio)
+            with torch.no_grad():
+                out = candidate.eval()(ctx.example_batch)
+        except EdgekdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a tracing failure in a user model, reported at its key
+            raise RecipeError(f"torch-pruning could not prune the student: {type(exc).__name__}: {exc}",
+                              key="prune", hint="add the layers it trips on to ignored_layers") from exc
+        if out.shape[-1] != ctx.num_classes:
+            raise RecipeError(f"the pruned student predicts {out.shape[-1]} classes, not {ctx.num_classes}",
+                              key="prune.ignored_layers", hint="ignore the layer that produces the logits")
+        if isinstance(target, ReductionTarget):
+            objective = ReductionObjective(target, env)
+            best = objective.measure(candidate)
+            if not objective.met(best):
+                key = f"prune.{target.metric}_reduction"
+                raise RecipeError(f"{objective.describe()} is out of reach: pruning every layer by "
+                                  f"max_layer_ratio {cfg.max_layer_ratio} gives {objective.format(best)}",
+                                  key=key, hint="raise max_layer_ratio, lower round_to, or ease the target")
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self, ctx: RunContext) -> None:
+        cfg = self.config
+        samples = ctx.data.calibration_batch(min(SAMPLES, len(ctx.data.train)), seed=ctx.recipe.seed)
+        example = samples[:1]
+        device = next(ctx.student.parameters()).device
+        student = ctx.student.cpu().eval()
+        teacher = _cpu_copy_if_needed(ctx.teacher).eval()
+
+        before = {**_counts(student, example), "widths": layer_widths(student)}
+        teacher_counts = _counts(teacher, example)
+        # a separate "student before" column only when it is not simply the teacher
+        same_as_teacher = teacher_counts == {"params": before["params"], "macs": before["macs"]}
+        unpruned = None if same_as_teacher else copy.deepcopy(student)
+
+        def train_batches():
+            return ctx.data.train_loader(cfg.batch_size, seed=ctx.recipe.seed)
+
+        env = PruneEnv(config=cfg, samples=samples, teacher=teacher, gradient_batches=train_batches)
+        outcome = reach_target(student, env)
+        pruned = outcome.model.eval()
+        after = {**_counts(pruned, example), "widths": layer_widths(pruned)}
+        changed = (after["params"], after["macs"]) != (before["params"], before["macs"])
+        recalibrated = recalibrate_batchnorm(pruned, train_batches(), cfg.bn_recalibration_batches) if changed else 0
+        pruned.eval()
+
+        timed = {"teacher": teacher, **({"student_before": unpruned} if unpruned is not None else {}),
+                 "student": pruned}
+        latency = probe_latency(timed, samples, cfg)
+        accuracy = top1_accuracy(pruned, *ctx.data.val_tensors())
+
+        data = {
+            "importance": cfg.importance,
+            "scope": cfg.scope,
+            "round_to": cfg.round_to,
+            "max_layer_ratio": cfg.max_layer_ratio,
+            "target": outcome.target,
+            "reached": outcome.reached,
+            "channel_ratio": outcome.ratio,
+            "ignored_layers": outcome.ignored_layers,
+            "attention_heads_split": outcome.swapped_attention,
+            "teacher": teacher_counts,
+            "before": {"params": before["params"], "macs": before["macs"]},
+            "after": {"params": after["params"], "macs": after["macs"]},
+            "macs_reduction_vs_teacher": round(teacher_counts["macs"] / after["macs"], 3),
+            "params_reduction_vs_teacher": round(teacher_counts["params"] / after["params"], 3),
+            "channels": channel_rows(before["widths"], after["widths"]),
+            "latency": latency,
+            "bn_recalibration_batches": recalibrated,
+            "val_accuracy_after_prune": round(accuracy, 3),
+            "search": outcome.trials,
+        }
+        ctx.report_data["prune"] = data
+        report_file = ctx.stage_dir("prune") / "prune.json"
+        atomic_write_json(report_file, data)
+        ctx.stage_outputs.append(report_file)
+        notes = {"target": outcome.target, "reached": outcome.reached, "channel_ratio": outcome.ratio}
+        if latency:
+            notes["ort_speedup"] = {f"bs{r['batch_size']}x{r['threads']}t": r["speedup_vs_teacher"] for r in latency}
+        ctx.ledger.append(LedgerRow(stage="prune", params=after["params"], macs=after["macs"],
+                                    val_accuracy=accuracy, notes=notes))
+        ctx.student = pruned.to(device)

@@ -1,0 +1,181 @@
+"""The ``quantize`` stage's recipe section.
+
+The method is a typed union picked by ``kind`` (a bare string is shorthand for its defaults)::
+
+    - quantize: {method: ort_static}                       # calibrated PTQ, the default grid
+    - quantize:
+        method: {kind: ort_static, calibration: {method: entropy, samples: 256}}
+        max_accuracy_drop: 0.5        # accuracy-aware: keep the most sensitive nodes in float
+        keep_if_faster: true          # speed-aware: ship INT8 only where measured faster
+        speed: {threads: 1, batch_size: 32}
+    - quantize: {method: ort_dynamic}                      # Linear/MatMul-heavy models
+    - quantize: {method: {kind: executorch, samples: 256}} # PT2E + XNNPACK quantizer -> .pte
+    - quantize: {method: {kind: qat, epochs: 3, temperature: 4, alpha: 0.7}}
+
+The stage dispatches on the method's type (``edgekd.quantize.stage``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from edgekd.recipe.base import StrictModel
+from edgekd.train.config import TrainConfig
+
+CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
+QuantTypeName = Literal["quint8", "qint8"]
+FormatName = Literal["qdq", "qoperator"]
+
+
+class SampleConfig(StrictModel):
+    """Real samples drawn from the training split (never random data: it cost 10-14 points on digits)."""
+
+    samples: int = Field(256, ge=1, le=1_000_000, description="number of training samples to calibrate on")
+    seed: int = Field(0, ge=0, description="which samples are drawn")
+    batch_size: int = Field(32, ge=1, le=4096, description="samples per calibration batch")
+
+
+class CalibrationConfig(SampleConfig):
+    """How ONNX Runtime turns observed activations into INT8 ranges."""
+
+    method: CalibrationMethodName = Field("minmax", description="minmax, entropy (KL) or percentile")
+    percentile: float = Field(99.999, gt=90.0, le=100.0, description="kept share of |x| for 'percentile'")
+
+
+class StaticCandidate(StrictModel):
+    """One setting of ORT static quantization that the speed-aware search tries."""
+
+    activation_type: QuantTypeName = Field("quint8", description="activation INT8 type; quint8 is fast on x86")
+    format: FormatName = Field("qdq", description="QDQ (recommended) or QOperator (QLinearConv ...)")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    reduce_range: bool = Field(False, description="7-bit weights: avoids u8s8 saturation on CPUs without VNNI")
+
+    @property
+    def label(self) -> str:
+        act = "u8" if self.activation_type == "quint8" else "s8"
+        parts = [f"{act}act", self.format, "perchannel" if self.per_channel else "pertensor"]
+        return "-".join(parts + (["7bit"] if self.reduce_range else []))
+
+
+def default_static_grid() -> list[StaticCandidate]:
+    # Signed activations (ORT's own default) are kept in the grid on purpose: on x86 they ran
+    # 1.2-2.1x slower than FP32 here, and the report should show that next to the winner.
+    return [
+        StaticCandidate(activation_type="quint8", format="qdq", per_channel=True),
+        StaticCandidate(activation_type="quint8", format="qdq", per_channel=True, reduce_range=True),
+        StaticCandidate(activation_type="qint8", format="qdq", per_channel=True),
+        StaticCandidate(activation_type="quint8", format="qoperator", per_channel=True),
+        StaticCandidate(activation_type="quint8", format="qdq", per_channel=False),
+    ]
+
+
+class OrtStaticMethod(StrictModel):
+    """ONNX Runtime post-training static INT8, calibrated on real samples."""
+
+    kind: Literal["ort_static"] = "ort_static"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    candidates: list[StaticCandidate] = Field(default_factory=default_static_grid, min_length=1,
+                                              description="settings timed against FP32; the fastest within "
+                                                          "tolerance ships")
+
+
+class DynamicCandidate(StrictModel):
+    """One setting of ORT dynamic quantization (weights INT8 offline, activations at run time)."""
+
+    weight_type: QuantTypeName = Field("qint8", description="INT8 type of the weights")
+    per_channel: bool = Field(False, description="one weight scale per output channel")
+    reduce_range: bool = Field(False, description="7-bit weights")
+
+    @property
+    def label(self) -> str:
+        w = "u8" if self.weight_type == "quint8" else "s8"
+        return f"dynamic-{w}w-{'perchannel' if self.per_channel else 'pertensor'}" + ("-7bit" if self.reduce_range
+                                                                                      else "")
+
+
+def default_dynamic_grid() -> list[DynamicCandidate]:
+    return [DynamicCandidate(per_channel=False), DynamicCandidate(per_channel=True)]
+
+
+class OrtDynamicMethod(StrictModel):
+    """ONNX Runtime dynamic INT8: for Linear/MatMul-heavy models (8-16x slower than FP32 on conv nets here)."""
+
+    kind: Literal["ort_dynamic"] = "ort_dynamic"
+    candidates: list[DynamicCandidate] = Field(default_factory=default_dynamic_grid, min_length=1)
+
+
+class ExecuTorchMethod(SampleConfig):
+    """ExecuTorch 8-bit: PT2E with the XNNPACK quantizer, calibrated on real samples, lowered to ``.pte``."""
+
+    kind: Literal["executorch"] = "executorch"
+    per_channel: bool = Field(True, description="per-channel symmetric weights")
+
+
+class QatMethod(TrainConfig):
+    """Quantization-aware training with the teacher as distillation target, exported to QDQ ONNX.
+
+    The training fields are the trainer's own (``TrainConfig``), with defaults for fine-tuning an
+    already trained student: a few epochs at a small learning rate, no warm-up.
+    """
+
+    kind: Literal["qat"] = "qat"
+    epochs: int = Field(3, ge=1, description="fake-quantized training epochs")
+    lr: float = Field(0.005, gt=0.0, le=10.0, description="peak learning rate (small: the student is trained)")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up to lr, in epochs")
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0, description="L2 weight decay")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="KD softmax temperature")
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha goes to hard labels")
+    per_channel: bool = Field(True, description="per-channel symmetric weights")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights; 'auto' = on when the CPU lacks VNNI (u8 x s8 kernels saturate there)")
+    calibration: SampleConfig = Field(default_factory=SampleConfig,
+                                      description="real samples that initialise the observers before training")
+
+
+QuantMethod = Annotated[OrtStaticMethod | OrtDynamicMethod | ExecuTorchMethod | QatMethod,
+                        Field(discriminator="kind")]
+
+
+class SpeedCheckConfig(StrictModel):
+    """How INT8 is timed against FP32: side by side, interleaved, in one process, on the target runtime."""
+
+    threads: int = Field(1, ge=1, le=256, description="intra-op threads of the runtime")
+    batch_size: int = Field(32, ge=1, le=4096, description="samples per timed call")
+    warmup: int = Field(3, ge=0, le=1000, description="untimed calls per model first")
+    min_time_s: float = Field(1.0, gt=0.0, le=600.0, description="time each model at least this long")
+    min_iters: int = Field(10, ge=1, le=100_000, description="and at least this many calls")
+    min_speedup: float = Field(1.05, ge=1.0, le=100.0,
+                               description="INT8 counts as faster only at this FP32/INT8 ratio or more "
+                                           "(timing noise must not ship a no-gain INT8)")
+    tie_tolerance: float = Field(0.03, ge=0.0, le=0.5,
+                                 description="candidates within this fraction of the fastest count as equally "
+                                             "fast; the most accurate of them ships")
+
+
+class SensitivityConfig(StrictModel):
+    """The accuracy-aware fallback: rank nodes by how much keeping them in float helps."""
+
+    max_float_nodes: int = Field(8, ge=1, le=10_000, description="keep at most this many nodes in float")
+    samples: int = Field(256, ge=1, le=100_000, description="validation samples the ranking is measured on")
+
+
+class QuantizeConfig(StrictModel):
+    method: QuantMethod = Field(default_factory=OrtStaticMethod, description="how to quantize (by 'kind')")
+    max_accuracy_drop: float | None = Field(
+        0.5, ge=0.0, le=100.0,
+        description="top-1 points INT8 may lose against FP32 on the target runtime; null = not checked")
+    keep_if_faster: bool = Field(True, description="ship INT8 only where measured faster than FP32, else FP32")
+    if_tolerance_unmet: Literal["keep_fp32", "ship_best", "error"] = Field(
+        "keep_fp32", description="when no INT8 model meets max_accuracy_drop: ship FP32, ship the best INT8 "
+                                 "found, or fail the stage")
+    speed: SpeedCheckConfig = Field(default_factory=SpeedCheckConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    eval_samples: int | None = Field(None, ge=1, description="validation samples for accuracy; null = all")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        # `method: ort_static` reads better in YAML than `method: {kind: ort_static}`
+        return {"kind": value} if isinstance(value, str) else value

@@ -1,0 +1,105 @@
+"""The ``quantize`` stage: INT8 that is measured accurate and faster, or FP32 with the reason.
+
+It needs the FP32 student as the target runtime runs it: the export stage's artifact when that
+stage ran earlier, otherwise it exports one itself into ``artifacts/``. An INT8 artifact is
+added only when the search ships one; every candidate's numbers and the decision go to
+``report_data["quantize"]``. On any failure the FP32 artifacts stay as they were.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+from edgekd.errors import RecipeError, RuntimeUnavailableError
+from edgekd.fileio import atomic_path
+from edgekd.models.stats import count_params_macs
+from edgekd.pipeline.context import Artifact, LedgerRow, RunContext, ValidationContext
+from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.quantize.candidates import SearchOutcome
+from edgekd.quantize.config import ExecuTorchMethod, QatMethod, QuantizeConfig
+from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
+
+
+@register_stage(QuantizeConfig)
+class QuantizeStage(Stage[QuantizeConfig]):
+    name: ClassVar[str] = "quantize"
+
+    def check(self, ctx: ValidationContext) -> None:
+        method = self.config.method
+        if isinstance(method, (ExecuTorchMethod, QatMethod)):
+            # both use torch.export + the XNNPACK quantizer, which ship with executorch/torchao
+            from edgekd.quantize.executorch_quant import require_executorch
+
+            try:
+                require_executorch()
+            except RuntimeUnavailableError as exc:
+                raise RecipeError(exc.message, key="quantize.method", hint=exc.hint) from exc
+
+    def run(self, ctx: RunContext) -> None:
+        workdir = ctx.stage_dir("quantize")
+        job = QuantizeJob(config=self.config, data=ctx.data, student=ctx.student, teacher=ctx.teacher,
+                          workdir=workdir, fp32_onnx=lambda: self._fp32_onnx(ctx),
+                          fp32_pte=lambda: self._fp32_pte(ctx, job), device=ctx.device, seed=ctx.recipe.seed)
+        outcome = run_method(job)
+        root = ctx.run_dir.path
+        shipped = outcome.decision.shipped
+        report = outcome.to_json(root)
+        report["method"] = self.config.method.model_dump()
+        if outcome.decision.ships_int8:
+            artifact = self._ship(ctx, outcome)
+            report["artifact"] = str(artifact.path.relative_to(root))
+        ctx.report_data["quantize"] = report
+        params, macs = count_params_macs(ctx.student, ctx.data.example_batch(1))
+        speedup = shipped.speedup_over(outcome.fp32)
+        ctx.ledger.append(LedgerRow(
+            stage="quantize", params=params, macs=macs, val_accuracy=shipped.accuracy,
+            notes={"shipped": shipped.name, "precision": shipped.precision, "runtime": outcome.runtime,
+                   "threads": outcome.threads, "batch_size": outcome.batch_size,
+                   "speedup_vs_fp32": None if speedup is None else round(speedup, 3),
+                   "accuracy_on": outcome.runtime, "reason": outcome.decision.reason}))
+
+    # -- files -------------------------------------------------------------------------------
+    def _ship(self, ctx: RunContext, outcome: SearchOutcome) -> Artifact:
+        shipped = outcome.decision.shipped
+        assert shipped.path is not None
+        target = ctx.run_dir.path / "artifacts" / f"student.int8.{outcome.fmt}"
+        with atomic_path(target) as tmp:
+            shutil.copyfile(shipped.path, tmp)
+        speedup, drop = shipped.speedup_over(outcome.fp32), shipped.drop_from(outcome.fp32)
+        artifact = Artifact(role="student", fmt=outcome.fmt, path=target, precision="int8", info={
+            "method": self.config.method.kind, "candidate": shipped.name, "settings": shipped.settings,
+            "float_nodes": shipped.excluded_nodes, "runtime": outcome.runtime, "threads": outcome.threads,
+            "batch_size": outcome.batch_size, "latency_ms": shipped.latency_ms, "fp32_latency_ms": outcome.fp32.latency_ms,
+            "speedup_vs_fp32": None if speedup is None else round(speedup, 3),
+            "accuracy": shipped.accuracy, "fp32_accuracy": outcome.fp32.accuracy,
+            "accuracy_drop": None if drop is None else round(drop, 4), "file_bytes": target.stat().st_size,
+            "within_tolerance": outcome.decision.within_tolerance})
+        ctx.add_artifact(artifact)
+        return artifact
+
+    def _fp32_onnx(self, ctx: RunContext) -> Path:
+        existing = ctx.artifact("student", "onnx", "fp32")
+        if existing is not None and existing.status == "ok" and existing.path.is_file():
+            return existing.path
+        from edgekd.export.onnx_export import export_onnx
+
+        path = ctx.run_dir.path / "artifacts" / "student.onnx"
+        info = export_onnx(ctx.student, ctx.data.example_batch(2), path)
+        ctx.add_artifact(Artifact(role="student", fmt="onnx", path=path, precision="fp32",
+                                  info={**info, "exported_by": "quantize"}))
+        return path
+
+    def _fp32_pte(self, ctx: RunContext, job: QuantizeJob) -> Path:
+        existing = ctx.artifact("student", "pte", "fp32")
+        if existing is not None and existing.status == "ok" and existing.path.is_file():
+            return existing.path
+        from edgekd.quantize.executorch_quant import lower_to_pte
+
+        path = ctx.run_dir.path / "artifacts" / "student.pte"
+        lower_to_pte(ctx.student.cpu().eval(), ctx.data.example_batch(2), path, pte_max_batch(job))
+        ctx.add_artifact(Artifact(role="student", fmt="pte", path=path, precision="fp32",
+                                  info={"exported_by": "quantize", "max_batch": pte_max_batch(job),
+                                        "file_bytes": path.stat().st_size}))
+        return path

@@ -1,0 +1,40 @@
+"""The accuracy gate: fail the run (exit code 3) when the student lost more than the recipe allows.
+
+The drop is judged on what ships: every student model the benchmark scored (each runtime, FP32
+and INT8) against the teacher on the same runtime and samples; the worst one decides. Without
+benchmark accuracy it falls back to the PyTorch accuracies of the run's ledger. The runner
+writes every report file first, then calls ``check_gate``, so a failed gate still leaves the
+evidence on disk.
+"""
+
+from __future__ import annotations
+
+from edgekd.bench.config import GateConfig
+from edgekd.errors import GateFailedError
+from edgekd.report.schema import GateResult, Report
+
+
+def evaluate_gate(report: Report, max_accuracy_drop: float) -> GateResult:
+    worst = report.worst_drop()
+    if worst is None:
+        return GateResult(max_accuracy_drop=max_accuracy_drop, worst=None, passed=False,
+                          message="no student accuracy was measured, so the accuracy gate cannot pass")
+    passed = worst.drop <= max_accuracy_drop
+    verdict = "within" if passed else "beyond"
+    message = (f"the {worst.model} on {worst.runtime} lost {worst.drop:.2f} points of top-1 against the teacher "
+               f"({worst.teacher_top1_pct:.2f}% -> {worst.top1_pct:.2f}%), {verdict} the gate's "
+               f"{max_accuracy_drop:g}")
+    return GateResult(max_accuracy_drop=max_accuracy_drop, worst=worst, passed=passed, message=message)
+
+
+def check_gate(report: Report, gate: GateConfig | None) -> GateResult | None:
+    """Raise ``GateFailedError`` (exit code 3) when the gate is set and fails; return the verdict otherwise."""
+    if gate is None or gate.max_accuracy_drop is None:
+        return None
+    result = evaluate_gate(report, gate.max_accuracy_drop)
+    if not result.passed:
+        raise GateFailedError(
+            f"accuracy gate failed: {result.message}; the reports are written in {report.run_dir}",
+            hint="recover accuracy (more distillation epochs, a smaller pruning ratio, keep sensitive layers in "
+                 "float) or raise gate.max_accuracy_drop")
+    return result

@@ -1,0 +1,63 @@
+"""``report.md``: the report as Markdown tables (for a pull request, a wiki, a chat message)."""
+
+from __future__ import annotations
+
+from edgekd.report.schema import Report
+from edgekd.report.tables import Table, all_tables, machine_rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: Table) -> str:
+    lines = [f"## {table.title}", ""]
+    if table.caption:
+        lines += [f"_{table.caption}_", ""]
+    if not table.rows:
+        return "\n".join(lines + ["(nothing measured)", ""])
+    lines.append("| " + " | ".join(_cell(h) for h in table.headers) + " |")
+    lines.append("|" + "|".join("---" for _ in table.headers) + "|")
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines + [""])
+
+
+def summary_lines(report: Report) -> list[str]:
+    """The verdicts at the top: gate, worst accuracy drop, notes, failed stages."""
+    lines = []
+    if report.gate is not None:
+        lines.append(f"- **Gate {'passed' if report.gate.passed else 'FAILED'}**: {report.gate.message}.")
+    worst = report.worst_drop()
+    if worst is not None and report.gate is None:
+        lines.append(f"- Largest accuracy drop: {worst.model} on {worst.runtime}, {worst.drop:.2f} points "
+                     f"({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; {worst.basis}).")
+    for s in report.failed_stages():
+        lines.append(f"- Stage **{s.key} failed**: {s.error}")
+    if report.benchmark is not None:
+        lines += [f"- Note{f' ({n.runtime})' if n.runtime else ''}: {n.message}" for n in report.benchmark.notes]
+        lines.append(f"- Timed inputs: {report.benchmark.timing_input}.")
+    return lines
+
+
+def speedup_lines(report: Report) -> list[str]:
+    """One sentence per comparison, naming where the latency was measured."""
+    return [f"- {c.model}: {c.speedup:.2f}x faster than the teacher, {c.setting} (p50 {c.teacher_p50_ms:.3f} → "
+            f"{c.p50_ms:.3f} ms per batch)" for c in report.comparisons
+            if c.speedup is not None and c.teacher_p50_ms is not None]
+
+
+def render_markdown(report: Report) -> str:
+    head = [f"# edgekd report: {report.name}", "",
+            f"Machine: {report.machine_summary}  ", f"Run: `{report.run_dir}`, created {report.created or '?'}, "
+            f"seed {report.seed}, recipe hash `{(report.recipe_hash or '')[:12]}`  ",
+            f"Report schema {report.schema_version}, generated {report.generated}", ""]
+    lines = summary_lines(report)
+    if lines:
+        head += lines + [""]
+    speedups = speedup_lines(report)
+    if speedups:
+        head += ["## Speed-ups", "", *speedups, ""]
+    body = [markdown_table(t) for t in all_tables(report)]
+    machine = ["## Machine", "", "| fact | value |", "|---|---|",
+               *[f"| {_cell(k)} | {_cell(v)} |" for k, v in machine_rows(report)], ""]
+    return "\n".join(head + body + machine)

@@ -1,0 +1,130 @@
+"""ExecuTorch with the XNNPACK delegate: a ``.pte`` file run by ExecuTorch's Python runtime.
+
+Threads (what we found in executorch 1.5.1): XNNPACK runs on ExecuTorch's one process-wide
+pthreadpool (``executorch::extension::threadpool::get_threadpool()``), created on first use
+with one thread per core. Each XNNPACK delegate keeps a raw pointer to that pool when its
+program is loaded, and the Python bindings expose no per-model or per-backend thread option.
+The only control is ``portable_lib._unsafe_reset_threadpool(n)``, which destroys the pool and
+builds a new one: safe before a program is loaded, and unsafe while any loaded program is
+alive (its delegate would keep using the destroyed pool; this is the crash seen on this
+machine). So this runtime resizes the pool only when no ExecuTorch model loaded through it is
+still alive, and refuses (with a clear error) to load a model with another thread count while
+one is. Load all models for one thread count, run them, drop them, then load for the next.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from edgekd.errors import RuntimeUnavailableError, StageError
+from edgekd.runtimes.base import LoadedModel, Runtime
+
+#: models loaded through this module that are still referenced; their delegates hold the pool
+_LIVE: weakref.WeakSet[ExecuTorchLoadedModel] = weakref.WeakSet()
+
+
+def _portable_lib() -> Any:
+    # The first import warns "This API is experimental" and logs torchao/pytree notices that
+    # say nothing about the user's model: keep them out of the CLI's output.
+    noisy = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime  # noqa: F401  (imports the same bindings)
+    finally:
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
+    return portable_lib
+
+
+def threadpool_size() -> int:
+    """Threads in ExecuTorch's process-wide pool (the one XNNPACK runs on)."""
+    return int(_portable_lib()._threadpool_get_thread_count())
+
+
+def set_threadpool_size(threads: int) -> None:
+    """Resize ExecuTorch's pool; only while no ExecuTorch model loaded through edgekd is alive."""
+    if threadpool_size() == threads:
+        return
+    alive = len(_LIVE)
+    if alive:
+        raise StageError(
+            f"executorch: cannot switch the XNNPACK thread pool from {threadpool_size()} to {threads} threads "
+            f"while {alive} ExecuTorch model(s) are loaded (the pool is process-wide and resizing it under a "
+            "loaded model crashes)",
+            hint="load all models for one thread count, run them, drop them, then load for the next count")
+    _portable_lib()._unsafe_reset_threadpool(threads)
+
+
+class ExecuTorchLoadedModel(LoadedModel):
+    runtime = "executorch"
+
+    def __init__(self, program: Any, method: Any, threads: int, path: Path) -> None:
+        self._program = program  # the method borrows from the program: keep both alive together
+        self._method = method
+        self.threads = threads
+        self.path = path
+        meta = method.metadata
+        if meta.num_inputs() != 1:
+            raise StageError(f"executorch: {path} takes {meta.num_inputs()} inputs; edgekd models take one")
+        # memory is planned for the upper bound of each dimension: sizes are the largest shape accepted
+        sizes = tuple(int(s) for s in meta.input_tensor_meta(0).sizes())
+        self.max_batch = sizes[0]
+        self.sample_shape = sizes[1:]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        # The runtime only checks the element count against the planned buffer, so a wrong sample
+        # shape with fewer elements would run and return garbage: check the shape here.
+        if tuple(x.shape[1:]) != self.sample_shape or not 1 <= x.shape[0] <= self.max_batch:
+            raise StageError(f"executorch: {self.path.name} takes batches shaped (1..{self.max_batch}, "
+                             f"{', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}",
+                             hint="export with a larger max batch (export.pte_max_batch) or feed smaller batches"
+                             if tuple(x.shape[1:]) == self.sample_shape else
+                             "the artifact was exported for another input shape")
+        try:
+            out = self._method.execute([x])
+        except RuntimeError as exc:
+            raise StageError(f"executorch failed to run {self.path.name}: {exc}") from exc
+        return out[0].detach().float().numpy()
+
+
+class ExecuTorchRuntime(Runtime):
+    name: ClassVar[str] = "executorch"
+    fmt: ClassVar[str] = "pte"
+    extra: ClassVar[str | None] = "mobile"
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("executorch") is not None
+
+    def load(self, artifact: Path, threads: int) -> ExecuTorchLoadedModel:
+        if not self.available():
+            raise RuntimeUnavailableError("the executorch runtime is not installed: pip install 'edgekd[mobile]'")
+        artifact = self._check_file(artifact, threads)
+        set_threadpool_size(threads)  # before loading: the delegate captures the pool at load time
+        from executorch.runtime import Runtime as EtRuntime
+
+        try:
+            program = EtRuntime.get().load_program(artifact)
+            method = program.load_method("forward")
+        except RuntimeError as exc:
+            raise self._bad_artifact(artifact, exc) from exc
+        if method is None:
+            raise StageError(f"executorch: {artifact} has no 'forward' method",
+                             hint="export the model with edgekd export MODEL --to pte")
+        loaded = ExecuTorchLoadedModel(program, method, threads, artifact)
+        _LIVE.add(loaded)
+        return loaded

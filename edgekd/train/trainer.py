@@ -1,0 +1,421 @@
+"""The one training loop: teacher training, ``finetune``, ``distill`` and QAT all run through ``fit``.
+
+Read top to bottom: set up (schedule, optimizer, resume) → per epoch: train, validate,
+checkpoint, early-stop → restore the best weights. Each epoch's checkpoint (``last.pt``)
+holds everything needed to continue exactly (model, objective helpers, optimizer, scheduler,
+loss scaler, RNG states, history), stored as plain tensors and containers so it loads with
+``torch.load(weights_only=True)``. ``best.pt`` holds the best model weights.
+
+Batches: each epoch draws one permutation of the training split from a generator seeded
+with ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one and
+needs no data-loader state. Under torchrun every global batch is split across the ranks, so
+N processes see exactly the batches one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from edgekd.data.bundle import DataBundle
+from edgekd.errors import StageError, TrainingDivergedError
+from edgekd.fileio import atomic_torch_save, atomic_write_text
+from edgekd.train import distributed as dist_utils
+from edgekd.train.config import TrainConfig
+from edgekd.train.objectives import Batch, Objective
+from edgekd.train.schedule import build_optimizer, build_scheduler
+
+#: used when neither the TrainConfig nor the data says (the recipe's data section defaults to 64 too)
+DEFAULT_BATCH_SIZE = 64
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.csv"
+
+
+@dataclass
+class FitResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]]
+    checkpoint: Path
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+
+    @property
+    def mean_train_time_s(self) -> float:
+        times = [row["train_time_s"] for row in self.history]
+        return sum(times) / len(times) if times else 0.0
+
+
+@dataclass
+class _State:
+    """What changes during training and goes into every checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    since_best: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# -- RNG state as plain tensors (weights_only checkpoints cannot hold numpy arrays or tuples) --------
+
+def _rng_state() -> dict[str, Any]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
+    """This rank's index batches for one epoch: one global permutation, cut into global batches,
+    each split round-robin over the ranks (a global batch smaller than the world is dropped)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=generator)
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    batches = []
+    for start in range(0, n, batch_size):
+        chunk = perm[start:start + batch_size]
+        if len(chunk) < world:
+            continue
+        batches.append(chunk[rank::world])
+    return batches
+
+
+# -- precision -------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _needs_scaler(device: torch.device, enabled: bool) -> bool:
+    # bf16 keeps fp32's exponent range; only fp16 needs loss scaling
+    return device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+             batch_size: int = 256, mixed_precision: bool = False) -> tuple[float, float]:
+    """(top-1 accuracy in percent, mean cross-entropy) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device, non_blocking=True).contiguous()
+            yb = y[start:start + batch_size].to(device, non_blocking=True)
+            with _autocast(device, mixed_precision):
+                logits = model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += int((logits.argmax(1) == yb).sum().item())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(len(x), 1), loss_sum / max(len(x), 1)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+class _TensorBoard:
+    """Scalars to ``workdir/tensorboard`` when the ``tensorboard`` package is installed; else nothing."""
+
+    def __init__(self, logdir: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def log(self, row: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, int(row["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not (enabled and console.is_terminal))
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    data: DataBundle,
+    config: TrainConfig,
+    workdir: Path,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    label: str = "train",
+    seed: int = 0,
+    console: Console | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place with ``objective`` on ``data.train``; validate on ``data.val``.
+
+    At the end ``model`` holds the weights of the epoch with the best validation accuracy (it
+    stays on ``device``). ``resume=True`` continues from ``workdir/last.pt`` when it exists.
+    ``on_epoch_end`` gets each epoch's metrics row after its checkpoint is written.
+    """
+    workdir = Path(workdir)
+    main = dist_utils.is_main_process()
+    console = console or Console(stderr=True)
+    model.to(device)
+    torch.manual_seed(seed)
+
+    batch_size = config.batch_size or getattr(data, "batch_size", None) or DEFAULT_BATCH_SIZE
+    world = dist_utils.world_size()
+    local_batch = max(batch_size // world, 1)
+    batch_size = local_batch * world  # the global batch the ranks share
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    steps_per_epoch = len(epoch_batches(len(train_x), batch_size, 0, seed))
+    if steps_per_epoch == 0:
+        raise StageError(f"{label}: the training split ({len(train_x)} samples) is too small for {world} processes")
+
+    objective.setup(model, data, device)
+    try:
+        extra = objective.extra_modules()
+        if extra is not None:
+            extra.to(device)
+        extra_params = list(extra.parameters()) if extra is not None else []
+        optimizer = build_optimizer(config, [*model.parameters(), *extra_params])
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+        scaler = torch.amp.GradScaler("cuda", enabled=_needs_scaler(device, config.mixed_precision))
+
+        state = _State()
+        resumed_from = None
+        best_weights = _cpu_state(model)
+        if resume and (workdir / LAST).is_file():
+            state, best_weights = _load_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, label)
+            resumed_from = state.epoch
+            if main:
+                console.print(f"  {label}: resuming after epoch {state.epoch}/{config.epochs}")
+        else:
+            # a fresh start: forget files of an earlier, abandoned run in this directory
+            if main:
+                for name in (LAST, BEST, METRICS):
+                    (workdir / name).unlink(missing_ok=True)
+        if main:
+            workdir.mkdir(parents=True, exist_ok=True)
+
+        train_model = dist_utils.wrap_ddp(model, device)
+        tensorboard = _TensorBoard(workdir / "tensorboard", enabled=main)
+        try:
+            with _progress(console, enabled=main) as progress:
+                while state.epoch < config.epochs and not state.stopped_early:
+                    epoch = state.epoch + 1
+                    row = _train_one_epoch(
+                        train_model, objective, extra_params, optimizer, scheduler, scaler, config,
+                        train_x, train_y, batch_size, epoch, seed, device, label, progress, workdir, state)
+                    val_acc, val_loss = evaluate(model, data.val_x, data.val_y, device=device,
+                                                 mixed_precision=config.mixed_precision)
+                    row.update(val_accuracy=val_acc, val_loss=val_loss)
+                    state.epoch = epoch
+                    state.history.append(row)
+                    if val_acc > state.best_acc:
+                        state.best_acc, state.best_epoch, state.since_best = val_acc, epoch, 0
+                        best_weights = _cpu_state(model)
+                        if main:
+                            atomic_torch_save({"model": best_weights, "epoch": epoch, "val_accuracy": val_acc},
+                                              workdir / BEST)
+                    else:
+                        state.since_best += 1
+                    patience = config.early_stopping_patience
+                    state.stopped_early = patience is not None and state.since_best >= patience
+                    if main:
+                        _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state, config)
+                        write_metrics_csv(workdir / METRICS, state.history)
+                        tensorboard.log(row)
+                        console.print(
+                            f"  {label} epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                            f"val {val_acc:.2f}% (best {state.best_acc:.2f}% @ {state.best_epoch})  "
+                            f"{row['train_time_s']:.1f}s", highlight=False)
+                    if on_epoch_end is not None:
+                        on_epoch_end(row)
+            if state.stopped_early and main:
+                console.print(f"  {label}: early stop after epoch {state.epoch}: no better val accuracy "
+                              f"for {config.early_stopping_patience} epochs")
+        finally:
+            tensorboard.close()
+    finally:
+        objective.teardown()
+
+    model.load_state_dict(best_weights)
+    return FitResult(best_val_accuracy=state.best_acc, best_epoch=state.best_epoch, epochs_run=state.epoch,
+                     history=state.history, checkpoint=workdir / BEST, stopped_early=state.stopped_early,
+                     resumed_from_epoch=resumed_from)
+
+
+def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scaler, config, train_x, train_y,
+                     batch_size, epoch, seed, device, label, progress, workdir, state) -> dict[str, float]:
+    model.train()
+    batches = epoch_batches(len(train_x), batch_size, epoch, seed)
+    task = progress.add_task(f"{label} {epoch}/{config.epochs}", total=len(batches), info="")
+    sums: dict[str, torch.Tensor] = {}
+    seen = correct = 0
+    lr_at_start = optimizer.param_groups[0]["lr"]
+    started = time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step, index in enumerate(batches, start=1):
+        # contiguous inputs: torch 2.13 CPU crashed in backward() on strided batches of pruned nets
+        batch = Batch(x=train_x[index].contiguous(), y=train_y[index], index=index)
+        with _autocast(device, config.mixed_precision):
+            out = objective.compute(model, batch)
+        loss = out.total.float()
+        _check_finite(loss, label, epoch, step, optimizer, workdir, state)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        dist_utils.average_gradients(extra_params)
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = len(index)
+        seen += n
+        correct += int((out.logits.detach().argmax(1) == batch.y).sum().item())
+        for key, value in {"loss": loss.detach(), **out.parts}.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float() * n
+        progress.update(task, advance=1, info=f"loss {loss.item():.4f}")
+    progress.remove_task(task)
+    train_time = time.perf_counter() - started
+    # metrics averaged over every rank's samples
+    totals = dist_utils.all_reduce_sum(torch.stack([*sums.values(), torch.tensor(float(seen), device=device),
+                                                    torch.tensor(float(correct), device=device)]).float())
+    seen_all = totals[-2].item()
+    row: dict[str, float] = {"epoch": epoch, "lr": lr_at_start}
+    for key, total in zip(sums, totals[:-2].tolist(), strict=True):
+        row["train_loss" if key == "loss" else f"train_{key}"] = total / seen_all
+    row["train_accuracy"] = 100.0 * totals[-1].item() / seen_all
+    row["train_time_s"] = train_time
+    return row
+
+
+def _check_finite(loss: torch.Tensor, label: str, epoch: int, step: int, optimizer, workdir: Path,
+                  state: _State) -> None:
+    # under torchrun every rank must stop together, or the others would wait forever in all-reduce
+    value = dist_utils.all_reduce_sum(loss.detach().reshape(1))
+    if torch.isfinite(value).all():
+        return
+    kept = (f"the last good checkpoint ({workdir / LAST}, epoch {state.epoch}) is kept" if state.epoch
+            else "no epoch finished, so there is no checkpoint yet")
+    raise TrainingDivergedError(
+        f"{label}: the loss became {loss.item()} at epoch {epoch}, step {step} "
+        f"(lr {optimizer.param_groups[0]['lr']:.3g}); {kept}",
+        hint="lower lr, set grad_clip (e.g. 1.0) or more warmup_epochs, and check the data for NaN/inf; "
+             "--resume then continues from the last good checkpoint",
+    )
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state: _State, config) -> None:
+    atomic_torch_save({
+        "format": "edgekd-train-checkpoint/1",
+        "model": model.state_dict(),
+        "extra": extra.state_dict() if extra is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(),
+        "epoch": state.epoch,
+        "best_acc": state.best_acc,
+        "best_epoch": state.best_epoch,
+        "since_best": state.since_best,
+        "stopped_early": state.stopped_early,
+        "history": state.history,
+        "config": config.model_dump(mode="json"),
+    }, workdir / LAST)
+
+
+def _load_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, label):
+    ckpt = torch.load(workdir / LAST, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(ckpt["model"])
+        if extra is not None and ckpt["extra"] is not None:
+            extra.load_state_dict(ckpt["extra"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StageError(f"{label}: the checkpoint {workdir / LAST} does not fit this model: {exc}",
+                         hint="it was written by a different recipe; start a new run instead of --resume") from exc
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    state = _State(epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
+                   since_best=ckpt["since_best"], stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]))
+    best_path = workdir / BEST
+    if best_path.is_file():
+        best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+    else:
+        best_weights = _cpu_state(model)
+    return state, best_weights
+

@@ -1,0 +1,242 @@
+"""Distillation: each loss's value, hint adaptors, layer checks and their errors, the teacher
+cache, and distill/finetune recovering a pruned ResNet-20 on real digits."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from edgekd.distill.config import DistillConfig, FinetuneConfig
+from edgekd.distill.losses import (
+    HintAdaptor,
+    attention_loss,
+    hint_loss,
+    kd_loss,
+    rkd_angle,
+    rkd_distance,
+)
+from edgekd.distill.objective import DistillObjective
+from edgekd.distill.stage import DistillStage, FinetuneStage, check_distill_layers
+from edgekd.errors import RecipeError
+from edgekd.models import build_model
+from edgekd.models.evaluate import top1_accuracy
+from edgekd.pipeline.stage import registered_stages
+from edgekd.prune.config import PruneConfig
+from edgekd.prune.targets import PruneEnv, prune_at_ratio
+from edgekd.recipe.stages import StageEntry
+from edgekd.train.config import TrainConfig
+from edgekd.train.objectives import CrossEntropyObjective
+from edgekd.train.trainer import fit
+
+CPU = torch.device("cpu")
+
+
+# -- loss values ---------------------------------------------------------------------------------
+
+def test_kd_loss_values():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
+    same, _ = kd_loss(t, t, y, temperature=4.0, alpha=1.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    hard, _ = kd_loss(s, t, y, temperature=4.0, alpha=0.0)
+    assert hard.item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    # alpha=1: T² · mean over the batch of sum_k p_t log(p_t / p_s), at temperature T
+    T = 3.0
+    p_t, log_p_s = F.softmax(t / T, 1), F.log_softmax(s / T, 1)
+    expected = (p_t * (p_t.log() - log_p_s)).sum(1).mean() * T * T
+    soft, parts = kd_loss(s, t, y, temperature=T, alpha=1.0)
+    assert soft.item() == pytest.approx(expected.item(), rel=1e-5)
+    blend, _ = kd_loss(s, t, y, temperature=T, alpha=0.25)
+    assert blend.item() == pytest.approx(0.25 * parts["kd_soft"].item() + 0.75 * parts["ce"].item(), rel=1e-5)
+
+
+def test_hint_adaptor_is_created_only_when_shapes_differ():
+    s, t = torch.randn(4, 8, 6, 6), torch.randn(4, 16, 3, 3)
+    adaptor = HintAdaptor(s.shape, t.shape)
+    assert isinstance(adaptor.proj, nn.Conv2d) and adaptor.proj.kernel_size == (1, 1)
+    assert (adaptor.proj.in_channels, adaptor.proj.out_channels) == (8, 16)
+    assert adaptor(s).shape == t.shape
+    assert HintAdaptor(t.shape, t.shape).is_identity
+    assert hint_loss(HintAdaptor(t.shape, t.shape)(t), t).item() == 0.0
+    linear = HintAdaptor(torch.Size([4, 32]), torch.Size([4, 64]))
+    assert isinstance(linear.proj, nn.Linear) and linear(torch.randn(4, 32)).shape == (4, 64)
+    tokens = HintAdaptor(torch.Size([4, 17, 32]), torch.Size([4, 17, 64]))  # transformer (N, tokens, D)
+    assert isinstance(tokens.proj, nn.Linear) and tokens(torch.randn(4, 17, 32)).shape == (4, 17, 64)
+    conv1d = HintAdaptor(torch.Size([4, 8, 20]), torch.Size([4, 32, 20]))  # 1-D conv maps (N, C, L)
+    assert isinstance(conv1d.proj, nn.Conv1d)
+    with pytest.raises(ValueError, match="different number of dimensions"):
+        HintAdaptor(torch.Size([4, 8, 6, 6]), torch.Size([4, 8]))
+
+
+def test_attention_loss_ignores_channel_count_and_scale():
+    torch.manual_seed(0)
+    t = torch.randn(4, 16, 8, 8)
+    # the student's map equals the teacher's when its channels are a scaled, repeated copy
+    s = torch.cat([t, t], dim=1) * 3.0
+    assert attention_loss(s, t).item() == pytest.approx(0.0, abs=1e-7)
+    other = torch.randn(4, 4, 16, 16)  # a different map, at twice the resolution
+    assert attention_loss(other, t).item() > 1e-4
+
+
+def test_rkd_terms_are_scale_free_relations():
+    torch.manual_seed(0)
+    t = torch.randn(12, 10)
+    # distances normalised by their mean: a scaled copy has the same relations; angles: also shifted
+    assert rkd_distance(2.5 * t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert rkd_angle(2.5 * t + 1.0, t).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(12, 10, requires_grad=True)
+    loss = rkd_distance(s, t) + rkd_angle(s, t)
+    loss.backward()
+    assert loss.item() > 0 and s.grad.abs().sum() > 0
+
+
+# -- config and validation errors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": 0},
+    {"alpha": 1.5},
+    {"losses": []},
+    {"losses": [{"kind": "kd", "weight": -1}]},
+    {"losses": [{"kind": "hint", "student_layer": "a", "teacher_layer": "b", "weight": -0.5}]},
+    {"losses": [{"kind": "hint", "student_layer": "a"}]},
+    {"losses": [{"kind": "rkd", "student_layer": "a"}]},
+    {"losses": [{"kind": "kd"}, {"kind": "kd"}]},
+    {"losses": [{"kind": "fitnet"}]},
+])
+def test_distill_config_rejects_bad_values(bad):
+    with pytest.raises(ValidationError):
+        DistillConfig(**bad)
+
+
+def test_recipe_stage_entries():
+    entry = StageEntry.model_validate({"distill": {"epochs": 2, "losses": [{"kind": "kd"}]}})
+    assert entry.key == "distill" and isinstance(entry.config, DistillConfig)
+    assert StageEntry.model_validate({"finetune": {"epochs": 1}}).key == "finetune"
+    stages = registered_stages()
+    assert stages[DistillConfig] is DistillStage and stages[FinetuneConfig] is FinetuneStage
+    assert not DistillStage.main_process_only and not FinetuneStage.main_process_only
+
+
+@pytest.fixture(scope="module")
+def resnets(digits8):
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)
+    student = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)
+    return teacher, student
+
+
+def test_unknown_layer_lists_close_names(resnets, digits8):
+    teacher, student = resnets
+    cfg = DistillConfig(losses=[{"kind": "kd"}, {"kind": "hint", "student_layer": "layr2", "teacher_layer": "layer2"}])
+    with pytest.raises(RecipeError) as info:
+        check_distill_layers(cfg, teacher, student, digits8.example_batch(2))
+    assert info.value.key == "distill.losses.1.student_layer"
+    assert "student has no layer 'layr2'" in str(info.value) and "'layer2'" in info.value.hint
+    cfg = DistillConfig(losses=[{"kind": "attention", "student_layer": "layer3", "teacher_layer": "layer3.2.cnv1"}])
+    with pytest.raises(RecipeError, match="teacher has no layer") as info:
+        check_distill_layers(cfg, teacher, student, digits8.example_batch(2))
+    assert info.value.key == "distill.losses.0.teacher_layer" and "layer3.2.conv1" in info.value.hint
+
+
+def test_shape_and_class_count_errors(resnets, digits8):
+    teacher, student = resnets
+    example = digits8.example_batch(2)
+    flat = DistillConfig(losses=[{"kind": "attention", "student_layer": "fc", "teacher_layer": "fc"}])
+    with pytest.raises(RecipeError, match="spatial feature maps") as info:
+        check_distill_layers(flat, teacher, student, example)
+    assert info.value.key == "distill.losses.0"
+    mixed = DistillConfig(losses=[{"kind": "hint", "student_layer": "layer3", "teacher_layer": "fc"}])
+    with pytest.raises(RecipeError, match="same rank"):
+        check_distill_layers(mixed, teacher, student, example)
+    five = build_model("resnet20", num_classes=5, input_shape=digits8.input_shape)
+    with pytest.raises(RecipeError, match="predicts 5 classes but the teacher 10") as info:
+        check_distill_layers(DistillConfig(), teacher, five, example)
+    assert info.value.key == "distill"
+    ok = DistillConfig(losses=[{"kind": "kd"}, {"kind": "hint", "student_layer": "layer2", "teacher_layer": "layer2"},
+                               {"kind": "attention", "student_layer": "layer3", "teacher_layer": "layer3"},
+                               {"kind": "rkd", "student_layer": "layer3", "teacher_layer": "layer3"}])
+    check_distill_layers(ok, teacher, student, example)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_and_pruned(digits8, tmp_path_factory):
+    """A ResNet-20 trained on real digits, and a copy pruned 70% (channels) by torch-pruning."""
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)
+    fit(teacher, CrossEntropyObjective(), digits8, TrainConfig(epochs=3), tmp_path_factory.mktemp("teacher"),
+        device=CPU)
+    teacher.eval()
+    student = copy.deepcopy(teacher)
+    env = PruneEnv(config=PruneConfig(ratio=0.7, probe=None), samples=digits8.calibration_batch(64), teacher=teacher)
+    prune_at_ratio(student, env, 0.7)
+    return teacher, student
+
+
+def test_distill_recovers_pruned_student_with_cache_and_hint_adaptor(teacher_and_pruned, digits8, tmp_path):
+    teacher, pruned = teacher_and_pruned
+    teacher_acc = top1_accuracy(teacher, digits8.val_x, digits8.val_y)
+    before = top1_accuracy(pruned, digits8.val_x, digits8.val_y)
+    cfg = DistillConfig(epochs=2, losses=[{"kind": "kd"},
+                                          {"kind": "hint", "student_layer": "layer2", "teacher_layer": "layer2"}])
+    runs = {}
+    for cache in (True, False):
+        cfg.teacher_cache = cache
+        student = copy.deepcopy(pruned)
+        keys_before = set(student.state_dict())
+        objective = DistillObjective.from_config(teacher, cfg)
+        result = fit(student, objective, digits8, cfg, tmp_path / str(cache), device=CPU, label="distill")
+        runs[cache] = (result, objective, student)
+        # the adaptor maps the pruned layer2 (fewer channels) onto the teacher's; it is not in the student
+        assert isinstance(objective.adaptors["1"].proj, nn.Conv2d)
+        assert set(student.state_dict()) == keys_before
+        assert "extra" in torch.load(tmp_path / str(cache) / "last.pt", weights_only=True)
+    cached, uncached = runs[True][0], runs[False][0]
+    assert runs[True][1].cache_info["enabled"] and not runs[False][1].cache_info["enabled"]
+    # the teacher is deterministic in eval mode: the cache changes speed, not results
+    for a, b in zip(cached.history, uncached.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+    assert {"train_kd_soft", "train_ce", "train_hint1"} <= set(cached.history[0])
+    assert cached.best_val_accuracy > before + 10 and cached.best_val_accuracy > teacher_acc - 15
+    # the teacher is left as it was: on its device, in eval mode, parameters untouched
+    assert next(teacher.parameters()).device == CPU and not teacher.training
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_cache_is_skipped_when_over_budget(teacher_and_pruned, digits8, tmp_path):
+    teacher, pruned = teacher_and_pruned
+    cfg = DistillConfig(epochs=1, cache_max_mb=0.01)
+    objective = DistillObjective.from_config(teacher, cfg)
+    fit(copy.deepcopy(pruned), objective, digits8, cfg, tmp_path, device=CPU)
+    assert not objective.cache_info["enabled"] and "cache_max_mb" in objective.cache_info["reason"]
+
+
+def test_attention_and_rkd_terms_train(teacher_and_pruned, digits8, tmp_path):
+    teacher, pruned = teacher_and_pruned
+    before = top1_accuracy(pruned, digits8.val_x, digits8.val_y)  # ~10%: 70% pruning leaves chance level
+    cfg = DistillConfig(epochs=2, losses=[
+        {"kind": "attention", "student_layer": "layer3", "teacher_layer": "layer3"},
+        {"kind": "rkd"}])
+    result = fit(copy.deepcopy(pruned), DistillObjective.from_config(teacher, cfg), digits8, cfg, tmp_path, device=CPU)
+    row = result.history[-1]
+    # without a kd term the hard-label cross-entropy is still part of the loss
+    assert {"train_attention0", "train_rkd1_distance", "train_rkd1_angle", "train_ce"} <= set(row)
+    assert all(math.isfinite(v) for v in row.values()) and result.best_val_accuracy > before + 15
+
+
+def test_finetune_baseline_trains_on_hard_labels(teacher_and_pruned, digits8, tmp_path):
+    _, pruned = teacher_and_pruned
+    student = copy.deepcopy(pruned)
+    before = top1_accuracy(student, digits8.val_x, digits8.val_y)
+    result = fit(student, CrossEntropyObjective(), digits8, FinetuneConfig(epochs=2), tmp_path, device=CPU,
+                 label="finetune")
+    assert set(result.history[0]) >= {"train_ce", "val_accuracy"} and "train_kd_soft" not in result.history[0]
+    assert result.best_val_accuracy > before

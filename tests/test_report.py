@@ -1,0 +1,146 @@
+"""The benchmark stage inside a real run, the report files it leads to, the summary and the gate.
+
+One real `edgekd compress` run (digits 8x8, an MLP teacher, a tiny distilled MLP student,
+ONNX + ORT exports, benchmark on every runtime) feeds every test here; its gate is set so the
+tiny student fails it, so the run must exit with code 3 after writing all reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from edgekd.bench.config import GateConfig
+from edgekd.errors import GateFailedError
+from edgekd.report.build import build_report
+from edgekd.report.schema import REPORT_SCHEMA_VERSION, Report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """
+name: bench-report
+seed: 0
+data: {dataset: digits, image_size: 8, batch_size: 64, val_fraction: 0.2}
+teacher: {model: mlp, kwargs: {hidden: 64}, train: {epochs: 3}}
+student: {model: mlp, kwargs: {hidden: 4, depth: 1}}
+stages:
+  - distill: {epochs: 1}
+  - export: {formats: [onnx, ort], verify: {samples: 64}}
+benchmark:
+  runtimes: [torch, onnxruntime, ort-mobile, executorch]
+  threads: [1]
+  batch_sizes: [1, 16]
+  warmup: 2
+  min_time_s: 0.02
+  min_iters: 5
+  memory: false
+  peak: true
+gate: {max_accuracy_drop: 0.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("report")
+    (work / "recipe.yaml").write_text(RECIPE)
+    out = work / "run"
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "compress", "recipe.yaml", "--out", str(out)],
+                          cwd=work, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
+    return proc, out
+
+
+def test_failed_gate_exits_3_after_writing_every_report(run):
+    proc, out = run
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "accuracy gate failed" in proc.stderr
+    for name in ("benchmark.json", "report.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["done"] * 4 and manifest["stages"][-1]["key"] == "benchmark"
+    assert "benchmark.json" in manifest["stages"][-1]["outputs"]
+    assert manifest["report_data"]["benchmark"]["file"] == "benchmark.json"
+    # the end-of-run summary was printed: teacher vs student per runtime, and the gate's verdict
+    assert "Teacher vs student" in proc.stdout and "gate FAILED" in proc.stdout
+
+
+def test_report_json_holds_the_benchmark_of_every_installed_runtime(run):
+    _, out = run
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert report.schema_version == REPORT_SCHEMA_VERSION and report.name == "bench-report"
+    bench = report.benchmark
+    assert bench is not None and bench.source == "run"
+    assert {(m.runtime, m.label) for m in bench.models} == {
+        (rt, role) for rt in ("torch", "onnxruntime", "ort-mobile") for role in ("teacher", "student")}
+    # no .pte was exported: executorch is reported as missing its artifacts, not a crash
+    assert any(n.runtime == "executorch" and ".pte" in n.message for n in bench.notes)
+    assert len(report.comparisons) == 3 * 2
+    for c in report.comparisons:
+        assert c.teacher_p50_ms > 0 and c.p50_ms > 0 and c.speedup > 0
+        assert c.setting.startswith(f"measured latency on {c.runtime}, 1 thread, batch ")
+    teacher_acc = report.teacher["val_accuracy"]
+    for m in bench.models:  # every runtime scored both models on the whole validation split
+        assert m.accuracy.samples == report.data["val_samples"]
+        if m.role == "teacher":  # exported teachers agree with the PyTorch teacher
+            assert m.accuracy.top1_pct == pytest.approx(teacher_acc, abs=0.5) and m.accuracy.agreement_pct > 99
+        assert m.file_bytes > 0 and m.params > 0 and m.macs > 0
+    assert {t.threads for t in bench.timings if t.gflops} == {1} and bench.peaks[0].gflops > 0
+    assert report.machine["isa"] and report.machine_summary
+    assert report.gate is not None and not report.gate.passed and report.gate.worst.drop > 0
+    stages = [row.stage for row in report.ledger]
+    assert stages == ["teacher", "distill", "export"] and "onnx max|Δ|" in report.ledger[-1].parity
+    assert (out / "artifacts" / "student.pt").is_file()  # the torch runtime's portable checkpoint
+
+
+def test_markdown_and_html_render_with_plots(run):
+    _, out = run
+    md = (out / "report.md").read_text()
+    for heading in ("## Teacher vs student", "## Accuracy on each runtime", "## Latency", "## Size and memory",
+                    "## Machine limit (FP32 GEMM)", "## Stage ledger", "## Machine", "## Speed-ups"):
+        assert heading in md, heading
+    assert "measured latency on onnxruntime, 1 thread, batch 16" in md and "Gate FAILED" in md
+    html = (out / "report.html").read_text()
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 3 and all(len(i) > 1000 for i in images)  # latency, Pareto, ledger
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
+    assert html.count("<table>") >= 7 and "Pareto" in html
+
+
+def test_report_command_renders_again_from_the_files(run, tmp_path):
+    import shutil
+
+    from edgekd.report.command import render_report
+    from edgekd.report.summary import print_summary
+
+    _, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("report.json", "report.md", "report.html"):
+        (copy / name).unlink()
+    report = render_report(copy)
+    assert all((copy / n).is_file() for n in ("report.json", "report.md", "report.html"))
+    assert report.comparisons == Report.model_validate_json((out / "report.json").read_text()).comparisons
+    console = Console(record=True, width=120)
+    print_summary(report, console)
+    text = console.export_text()
+    assert "onnxruntime" in text and "gate FAILED" in text and "executorch" in text
+
+
+def test_gate_passes_or_raises_exit_code_3(run):
+    _, out = run
+    report = build_report(out)
+    worst = report.worst_drop()
+    from edgekd.report.gate import check_gate
+
+    assert check_gate(report, None) is None and check_gate(report, GateConfig()) is None
+    assert check_gate(report, GateConfig(max_accuracy_drop=min(100.0, worst.drop + 0.5))).passed
+    with pytest.raises(GateFailedError) as info:
+        check_gate(report, GateConfig(max_accuracy_drop=max(0.0, worst.drop - 0.5)))
+    assert info.value.exit_code == 3 and "accuracy gate failed" in str(info.value)

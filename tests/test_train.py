@@ -1,0 +1,256 @@
+"""The trainer: training on real digits, checkpoints, resume after a hard kill, NaN stops,
+schedules, early stopping, devices, and 2-process DDP against one process."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from edgekd.errors import ConfigError, TrainingDivergedError
+from edgekd.train.config import TrainConfig
+from edgekd.train.distributed import resolve_device
+from edgekd.train.objectives import Batch, CrossEntropyObjective, LossOutput
+from edgekd.train.schedule import lr_multiplier
+from edgekd.train.trainer import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def small_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def test_fit_trains_writes_metrics_and_keeps_best_weights(digits8, tmp_path):
+    model = small_cnn()
+    result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=3), tmp_path, device=CPU)
+    assert result.epochs_run == 3 and len(result.history) == 3
+    assert result.best_val_accuracy > 85.0  # a real conv net on real digits learns in 3 epochs
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_accuracy", "lr", "train_time_s"} <= set(rows[0])
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # every checkpoint loads with weights_only=True; the model ends on the best epoch's weights
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert last["epoch"] == 3 and best["epoch"] == result.best_epoch
+    assert best["val_accuracy"] == pytest.approx(result.best_val_accuracy)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, best["model"][key])
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    sys.path.insert(0, {root!r})
+    from edgekd.data import digits_bundle
+    from edgekd.train.config import TrainConfig
+    from edgekd.train.objectives import CrossEntropyObjective
+    from edgekd.train.trainer import fit
+
+    class DieMidEpoch(CrossEntropyObjective):
+        # SIGKILL (no clean-up, like an OOM kill or a pulled plug) in the middle of epoch 2
+        steps = 0
+        def compute(self, model, batch):
+            self.steps += 1
+            if self.steps == {kill_step}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().compute(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    fit(model, DieMidEpoch(), digits_bundle(image_size=8), TrainConfig(epochs=3, batch_size=64), {workdir!r},
+        device=torch.device("cpu"), seed=0)
+""")
+
+
+def test_resume_after_a_hard_kill_mid_epoch_matches_an_uninterrupted_run(digits8, tmp_path):
+    config = TrainConfig(epochs=3, batch_size=64)
+    steps_per_epoch = -(-len(digits8.train) // 64)
+    workdir = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD.format(
+        root=str(ROOT), kill_step=steps_per_epoch + 5, workdir=str(workdir))], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr  # really killed, mid-epoch 2
+    assert torch.load(workdir / "last.pt", weights_only=True)["epoch"] == 1
+
+    resumed_model = small_mlp(seed=123)  # the weights come from the checkpoint, not from here
+    resumed = fit(resumed_model, CrossEntropyObjective(), digits8, config, workdir, device=CPU, resume=True)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
+
+    straight_model = small_mlp(seed=0)
+    straight = fit(straight_model, CrossEntropyObjective(), digits8, config, tmp_path / "straight", device=CPU)
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+    for key, value in resumed_model.state_dict().items():
+        torch.testing.assert_close(value, straight_model.state_dict()[key])
+    assert len(list(csv.DictReader((workdir / "metrics.csv").open()))) == 3
+
+
+def test_resume_of_a_finished_run_trains_no_more(digits8, tmp_path):
+    fit(small_mlp(), CrossEntropyObjective(), digits8, TrainConfig(epochs=2), tmp_path, device=CPU)
+    again = small_mlp(seed=5)
+    result = fit(again, CrossEntropyObjective(), digits8, TrainConfig(epochs=2), tmp_path, device=CPU, resume=True)
+    assert result.epochs_run == 2 and result.resumed_from_epoch == 2 and len(result.history) == 2
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, best[key])
+
+
+class PoisonFromStep(CrossEntropyObjective):
+    """A loss that turns NaN from a given step on, as a diverging run's does."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def compute(self, model: nn.Module, batch: Batch) -> LossOutput:
+        self.calls += 1
+        out = super().compute(model, batch)
+        if self.calls >= self.step:
+            out.total = out.total * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(digits8, tmp_path):
+    steps_per_epoch = -(-len(digits8.train) // 64)
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at epoch 2, step 3") as info:
+        fit(small_mlp(), PoisonFromStep(steps_per_epoch + 3), digits8, TrainConfig(epochs=3, batch_size=64),
+            tmp_path, device=CPU)
+    assert "epoch 1) is kept" in str(info.value) and info.value.hint
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_nan_in_the_data_is_caught_in_the_first_epoch(digits8, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from edgekd.data.bundle import DataBundle
+
+    x = digits8.train_x.clone()
+    x[7, 0, 3, 3] = float("inf")
+    bad = DataBundle(train=TensorDataset(x, digits8.train_y), val=digits8.val, num_classes=10,
+                     input_shape=digits8.input_shape)
+    with pytest.raises(TrainingDivergedError, match="no epoch finished"):
+        fit(small_mlp(), CrossEntropyObjective(), bad, TrainConfig(epochs=2), tmp_path, device=CPU)
+
+
+def test_early_stopping_on_validation_accuracy(digits8, tmp_path):
+    # an lr this small leaves val accuracy flat, so patience 2 stops after epoch 3
+    config = TrainConfig(epochs=10, lr=1e-9, schedule="constant", warmup_epochs=0, early_stopping_patience=2)
+    result = fit(small_mlp(), CrossEntropyObjective(), digits8, config, tmp_path, device=CPU)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizers_and_grad_clip_train(digits8, tmp_path, optimizer):
+    config = TrainConfig(epochs=2, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, grad_clip=1.0,
+                         label_smoothing=0.1, schedule="onecycle")
+    result = fit(small_mlp(), CrossEntropyObjective(label_smoothing=0.1), digits8, config, tmp_path, device=CPU)
+    assert result.best_val_accuracy > 80.0
+
+
+def test_schedule_shapes():
+    cfg = TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine")
+    f = lr_multiplier(cfg, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=0.01) and f(100) == pytest.approx(0.0, abs=1e-9)
+    step = lr_multiplier(TrainConfig(epochs=10, warmup_epochs=0, schedule="step", step_size=3, gamma=0.5), 10)
+    assert [step(s) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
+    one = lr_multiplier(TrainConfig(epochs=10, warmup_epochs=0, schedule="onecycle"), 10)
+    assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1.0) and one(100) == pytest.approx(1e-4)
+    const = lr_multiplier(TrainConfig(epochs=2, warmup_epochs=5, schedule="constant"), 10)
+    assert const(0) == pytest.approx(0.1) and const(10) == 1.0  # warm-up capped at half the run
+
+
+def test_config_rejects_bad_values():
+    from pydantic import ValidationError
+
+    for bad in ({"epochs": 0}, {"lr": 0}, {"optimizer": "adam"}, {"schedule": "linear"}, {"grad_clip": -1},
+                {"early_stopping_patience": 0}, {"epoch": 3}):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+# -- distributed -------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, workdir: str) -> None:
+    import copy
+
+    import torch.distributed as dist
+
+    from edgekd.data import digits_bundle
+    from edgekd.train.distributed import broadcast_module_state, is_main_process, maybe_init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert maybe_init_distributed(CPU)
+    try:
+        assert is_main_process() == (rank == 0)
+        model = small_mlp(seed=0)
+        fit(model, CrossEntropyObjective(), digits_bundle(image_size=8), TrainConfig(epochs=2, batch_size=64),
+            Path(workdir) / "ddp", device=CPU, seed=0)
+        torch.save(model.state_dict(), Path(workdir) / f"rank{rank}.pt")
+        # a stage that ran on rank 0 only (here: a layer made narrower) reaches the other ranks
+        student = copy.deepcopy(model)
+        if rank == 0:
+            student[1] = nn.Linear(64, 7)
+            student[3] = nn.Linear(7, 10)
+        broadcast_module_state(student)
+        assert student[1].out_features == 7
+        torch.save(student.state_dict(), Path(workdir) / f"student{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process(digits8, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = small_mlp(seed=0)
+    one = fit(single, CrossEntropyObjective(), digits8, TrainConfig(epochs=2, batch_size=64), tmp_path / "one",
+              device=CPU, seed=0)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # DDP keeps ranks identical
+        # the same global batches, gradients averaged over two halves: equal up to float rounding
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+    rows = list(csv.DictReader((tmp_path / "ddp" / "metrics.csv").open()))
+    assert len(rows) == 2  # written once, by rank 0
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(one.history[-1]["val_accuracy"], abs=0.5)
+    s0 = torch.load(tmp_path / "student0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "student1.pt", weights_only=True)
+    for key in s0:
+        torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0)
