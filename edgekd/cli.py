@@ -78,6 +78,46 @@ def schema() -> None:
     sys.stdout.write(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2) + "\n")
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="portable .pt checkpoint from a run (student/ or teacher/)")],
+    to: Annotated[str, typer.Option("--to", help="onnx, ort or pte")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="output file")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+) -> None:
+    """Export a model checkpoint to ONNX, ORT Mobile (.ort) or ExecuTorch (.pte), verified for parity."""
+    from edgekd.errors import ConfigError
+    from edgekd.export.command import export_model
+
+    if to not in ("onnx", "ort", "pte"):
+        raise ConfigError(f"--to {to!r} is not a known format", hint="valid choices: onnx, ort, pte")
+    written = export_model(model, to, out, opset=opset)
+    out_console.print(f"wrote {written}")
+
+
+@app.command()
+def benchmark(
+    model: Annotated[Path, typer.Argument(help=".onnx, .ort, .pte or portable .pt file (the student)")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="the teacher file to compare with")] = None,
+    threads: Annotated[Optional[list[int]], typer.Option("--threads", help="thread counts")] = None,
+    batch_sizes: Annotated[Optional[list[int]], typer.Option("--batch-size", help="batch sizes")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for benchmark.json and reports")] = None,
+) -> None:
+    """Time a model (and optionally its teacher, interleaved) on its runtime."""
+    from edgekd.bench.command import benchmark_files
+
+    benchmark_files(model, against, threads=threads, batch_sizes=batch_sizes, out=out, console=out_console)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Render report.json, report.md and report.html of a run again."""
+    from edgekd.report.command import render_report
+    from edgekd.report.summary import print_summary
+
+    print_summary(render_report(run_dir), out_console)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
