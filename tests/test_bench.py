@@ -219,6 +219,12 @@ def test_benchmark_files_int8_onnx_against_fp32_teacher(digits8, tmp_path):
         assert m.memory is not None, m.memory_error
         assert m.memory.peak_mib >= m.memory.baseline_mib > 0 and m.memory.model_mib >= 0
         assert m.memory.batch_size == 8
+    # params and MACs from the ONNX graphs: the Linear layers' weights and multiply-adds, INT8 or not
+    linear = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+    for m in result.models:
+        assert m.macs == sum(lin.in_features * lin.out_features for lin in linear)
+        assert m.params == sum(p.numel() for p in teacher.parameters())
+    assert all(t.gflops > 0 for t in result.timings)
     report = Report.model_validate_json((out / "report.json").read_text())
     assert report.benchmark is not None and len(report.comparisons) == 2
     assert "student-int8" in (out / "report.md").read_text()

@@ -74,6 +74,7 @@ def main() -> None:
         print(f"{'block':>5} {'harness p50':>12} {'harness mean':>13} {'plain median':>13} {'plain mean':>11} "
               f"{'iters':>6}")
         h_p50, h_mean, p_med, p_mean = [], [], [], []
+        h_iters = 20
         for block in range(args.blocks):
             # ABBA order: harness first in even blocks, plain loop first in odd ones, so a slow drift
             # does not always favour the same side

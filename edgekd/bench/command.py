@@ -5,7 +5,9 @@ Each file runs on the runtime of its format (``.onnx`` ONNX Runtime, ``.ort`` OR
 timed interleaved in one process even when their runtimes differ. Inputs: ``data``, an ``.npz``
 with ``x`` (samples shaped like the model's input) and optionally ``y`` (labels, for top-1);
 without it, seeded standard-normal samples (edgekd's data are standardised, so these are in
-range) give latency, and agreement/KL with the teacher, but no top-1.
+range) give latency, and agreement/KL with the teacher, but no top-1. Params and MACs come from
+PyTorch for ``.pt`` and from the ONNX graph's convolutions and matrix products for ``.onnx``
+(``edgekd.bench.onnx_counts``); ``.ort`` and ``.pte`` files report none.
 """
 
 from __future__ import annotations
@@ -64,10 +66,7 @@ def _sample_shape(loaded: LoadedModel, path: Path, fmt: str) -> tuple[int, ...] 
     return tuple(int(s) for s in shape) if all(isinstance(s, int) for s in shape) else None
 
 
-def _counts(path: Path, fmt: str) -> tuple[int | None, int | None]:
-    """(params, MACs per sample) for a portable checkpoint; other formats carry no PyTorch graph to count."""
-    if fmt != "torch":
-        return None, None
+def _portable_counts(path: Path) -> tuple[int | None, int | None]:
     import torch
 
     from edgekd.models.portable import load_portable
@@ -75,6 +74,21 @@ def _counts(path: Path, fmt: str) -> tuple[int | None, int | None]:
 
     model, meta = load_portable(path)
     return count_params_macs(model, torch.zeros((1, *meta["input_shape"])))
+
+
+def _onnx_counts(path: Path) -> tuple[int | None, int | None]:
+    from edgekd.bench.onnx_counts import onnx_params_macs
+
+    return onnx_params_macs(path)
+
+
+#: how params and MACs per sample are counted per format; .ort and .pte keep no graph we can count
+COUNTERS = {"torch": _portable_counts, "onnx": _onnx_counts}
+
+
+def _counts(path: Path, fmt: str) -> tuple[int | None, int | None]:
+    counter = COUNTERS.get(fmt)
+    return counter(path) if counter else (None, None)
 
 
 def _inputs(data: Path | None, shape: tuple[int, ...], reference: Path | None, reference_fmt: str | None

@@ -217,18 +217,25 @@ def run_benchmark(groups: list[TimingGroup], config: BenchmarkConfig, inputs: Be
                   source: str, root: Path | None = None, notes: list[Note] | None = None,
                   console: Console | None = None) -> BenchmarkResult:
     """Measure every group. Candidates of a runtime that is not installed become a note, never an error."""
+    import torch
+
     notes = list(notes or [])
-    bench = _Bench(config, inputs, root, console)
-    for group in groups:
-        runnable = []
-        for c in group.candidates:
-            note = unavailable_note(c.runtime)
-            if note is None:
-                runnable.append(c)
-            elif note not in notes:
-                notes.append(note)
-        if runnable:
-            bench.run_group(TimingGroup(group.name, runnable))
+    # the torch runtime sets PyTorch's process-wide thread count per model: restore it afterwards
+    torch_threads = torch.get_num_threads()
+    try:
+        bench = _Bench(config, inputs, root, console)
+        for group in groups:
+            runnable = []
+            for c in group.candidates:
+                note = unavailable_note(c.runtime)
+                if note is None:
+                    runnable.append(c)
+                elif note not in notes:
+                    notes.append(note)
+            if runnable:
+                bench.run_group(TimingGroup(group.name, runnable))
+    finally:
+        torch.set_num_threads(torch_threads)
     settings: dict[str, Any] = config.model_dump(mode="json")
     reference_top1 = None
     if inputs.reference_logits is not None and inputs.labels is not None:

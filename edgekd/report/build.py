@@ -75,11 +75,21 @@ def _ledger(manifest: dict[str, Any]) -> list[LedgerEntry]:
                 drop = (int8.get("info") or {}).get("accuracy_drop")
                 row.parity = f"{int8['fmt']} int8 vs fp32 top-1 drop {drop:.2f} pt" if drop is not None else None
     exported = _parity_text(artifacts, "student", "fp32")
-    if exported is not None:  # the export stage adds files, not a ledger row: show their parity as one
-        last = rows[-1] if rows else LedgerEntry(stage="teacher")
-        rows.append(LedgerEntry(stage="export", params=last.params, macs=last.macs, parity=exported,
-                                notes={"teacher_files": _parity_text(artifacts, "teacher", "fp32")}))
-    return rows
+    if exported is None:
+        return rows
+    # The export stage adds files, not a ledger row: show their parity as a row at the export's place
+    # in the run order (rows of other stages are matched to the manifest's stage keys "<i>-<name>").
+    ordered: list[LedgerEntry] = []
+    pending = list(rows)
+    for stage in manifest.get("stages", []):
+        name = stage["key"].split("-", 1)[-1]
+        if name == "export":
+            last = ordered[-1] if ordered else LedgerEntry(stage="teacher")
+            ordered.append(LedgerEntry(stage="export", params=last.params, macs=last.macs, parity=exported,
+                                       notes={"teacher_files": _parity_text(artifacts, "teacher", "fp32")}))
+        while pending and pending[0].stage == name:
+            ordered.append(pending.pop(0))
+    return ordered + pending
 
 
 def _comparisons(bench: BenchmarkResult) -> list[Comparison]:
