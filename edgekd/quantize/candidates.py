@@ -104,6 +104,12 @@ class Policy:
         return speedup is not None and speedup >= self.min_speedup
 
 
+def _eligible(candidates: list[Candidate], fp32: Candidate, policy: Policy) -> list[Candidate]:
+    """Measured candidates within the accuracy tolerance (and faster than FP32, with keep_if_faster)."""
+    accurate = [c for c in candidates if c.ok and policy.accurate(c, fp32)]
+    return [c for c in accurate if policy.fast(c, fp32)] if policy.keep_if_faster else accurate
+
+
 def choose(fp32: Candidate, candidates: list[Candidate], policy: Policy) -> Decision:
     """Pick what ships from measured numbers only. Raises ``TargetUnreachableError`` only when asked to."""
     measured = [c for c in candidates if c.ok]
@@ -111,7 +117,7 @@ def choose(fp32: Candidate, candidates: list[Candidate], policy: Policy) -> Deci
         errors = "; ".join(f"{c.name}: {c.error}" for c in candidates if c.error) or "none measured"
         return Decision(fp32, f"no INT8 candidate could be measured ({errors}); shipping FP32", True)
     accurate = [c for c in measured if policy.accurate(c, fp32)]
-    eligible = [c for c in accurate if policy.fast(c, fp32)] if policy.keep_if_faster else accurate
+    eligible = _eligible(measured, fp32, policy)
     if eligible:
         top = max(c.speedup_over(fp32) for c in eligible)
         # timings a few percent apart are noise: among those, the most accurate (then the fastest) ships
@@ -291,11 +297,10 @@ def run_search(bench: Bench, policy: Policy, fp32: Candidate, builds: list[Candi
             loaded[cand.name] = model
     everyone = {c.name: c for c in [fp32, *candidates]}
     sensitivity = None
-    needs_repair = (policy.max_accuracy_drop is not None and fallback is not None
-                    and not any(policy.accurate(c, fp32) for c in candidates if c.accuracy is not None))
-    if needs_repair and len(loaded) > 1:
-        # repair the candidate worth shipping: the fastest (that beats FP32, when speed matters)
+    if len(loaded) > 1:
         time_side_by_side(bench, loaded, everyone)
+    if policy.max_accuracy_drop is not None and fallback is not None and not _eligible(candidates, fp32, policy):
+        # repair the candidate worth shipping: the fastest (of those that beat FP32, when speed matters)
         timed = [c for c in candidates if c.ok]
         pool = [c for c in timed if policy.fast(c, fp32)] if policy.keep_if_faster else timed
         if pool:
@@ -305,13 +310,13 @@ def run_search(bench: Bench, policy: Policy, fp32: Candidate, builds: list[Candi
                 candidates.append(sensitivity.best)
                 everyone[sensitivity.best.name] = sensitivity.best
                 loaded[sensitivity.best.name] = bench.load(sensitivity.best.path)
+                # one more round with every model, so all the numbers compared come from the same round
+                time_side_by_side(bench, loaded, everyone)
             if not sensitivity.met:
                 notes.append(f"keeping up to {len(sensitivity.trail)} nodes of {target.name} in float did not "
                              f"bring the drop within {policy.max_accuracy_drop:g} pt; best found kept in the table")
-        else:
+        elif timed:
             notes.append("no INT8 candidate was faster than FP32, so the accuracy-aware fallback was not run")
-    if len(loaded) > 1:
-        time_side_by_side(bench, loaded, everyone)
     decision = choose(fp32, candidates, policy)
     return SearchOutcome(runtime=bench.runtime, fmt=fmt, threads=bench.threads, batch_size=bench.batch_size,
                          fp32=fp32, candidates=candidates, decision=decision, sensitivity=sensitivity, notes=notes)

@@ -44,6 +44,8 @@ class QuantizeJob:
     fp32_pte: Callable[[], Path]
     device: torch.device = torch.device("cpu")
     seed: int = 0
+    #: continue an interrupted QAT training from its last epoch checkpoint
+    resume: bool = False
 
     @property
     def policy(self) -> Policy:
@@ -82,10 +84,20 @@ def _vnni_text() -> str:
             None: "unknown"}[cpu_has_vnni()]
 
 
-def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
+def _keep_sensitive_in_float(job: QuantizeJob, target: Candidate, prepared: Path, fp32: Candidate, bench: Bench,
+                             requantize):
+    """The accuracy-aware fallback (``sensitivity``) with the job's settings."""
     from edgekd.quantize.graph import weighted_nodes
-    from edgekd.quantize.ort_static import calibrate, preprocess, quantize_candidate
     from edgekd.quantize.sensitivity import keep_sensitive_in_float
+
+    s = job.config.sensitivity
+    return keep_sensitive_in_float(target, weighted_nodes(prepared), requantize, bench, fp32, fp32.path,
+                                   max_drop=job.config.max_accuracy_drop, max_float_nodes=s.max_float_nodes,
+                                   samples=s.samples, workdir=job.workdir / "sensitivity")
+
+
+def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
+    from edgekd.quantize.ort_static import calibrate, preprocess, quantize_candidate
 
     cal = method.calibration
     samples = calibration_samples(job.data, cal.samples, cal.seed, key="method.calibration.samples")
@@ -104,10 +116,8 @@ def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
 
     def fallback(target: Candidate):
         setting = StaticCandidate(**target.settings)
-        return keep_sensitive_in_float(
-            target, weighted_nodes(prepared), lambda exclude, out: quantize(setting, out, exclude), bench, fp32,
-            fp32_path, max_drop=job.config.max_accuracy_drop, max_float_nodes=job.config.sensitivity.max_float_nodes,
-            samples=job.config.sensitivity.samples, workdir=job.workdir / "sensitivity")
+        return _keep_sensitive_in_float(job, target, prepared, fp32, bench,
+                                        lambda exclude, out: quantize(setting, out, exclude))
 
     notes = [f"static INT8 calibrated with {cal.method} on {cal.samples} real training samples (seed {cal.seed})",
              f"CPU VNNI: {_vnni_text()}"]
@@ -116,10 +126,8 @@ def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
 
 def run_ort_dynamic(method: OrtDynamicMethod, job: QuantizeJob) -> SearchOutcome:
     from edgekd.quantize.config import DynamicCandidate
-    from edgekd.quantize.graph import weighted_nodes
     from edgekd.quantize.ort_dynamic import quantize_dynamic_candidate
     from edgekd.quantize.ort_static import preprocess
-    from edgekd.quantize.sensitivity import keep_sensitive_in_float
 
     fp32_path = job.fp32_onnx()
     prepared = preprocess(fp32_path, job.workdir / "student.fp32.prep.onnx")
@@ -131,12 +139,9 @@ def run_ort_dynamic(method: OrtDynamicMethod, job: QuantizeJob) -> SearchOutcome
 
     def fallback(target: Candidate):
         setting = DynamicCandidate(**target.settings)
-        return keep_sensitive_in_float(
-            target, weighted_nodes(prepared),
-            lambda exclude, out: quantize_dynamic_candidate(prepared, out, setting, nodes_to_exclude=exclude),
-            bench, fp32, fp32_path, max_drop=job.config.max_accuracy_drop,
-            max_float_nodes=job.config.sensitivity.max_float_nodes, samples=job.config.sensitivity.samples,
-            workdir=job.workdir / "sensitivity")
+        return _keep_sensitive_in_float(
+            job, target, prepared, fp32, bench,
+            lambda exclude, out: quantize_dynamic_candidate(prepared, out, setting, nodes_to_exclude=exclude))
 
     return run_search(bench, job.policy, fp32, builds, fmt="onnx", fallback=fallback,
                       notes=["dynamic INT8: weights quantized offline, activations at run time (no calibration)"])

@@ -27,7 +27,13 @@ from edgekd.errors import StageError
 from edgekd.fileio import atomic_path
 from edgekd.quantize.calibration import RealSampleReader
 from edgekd.quantize.config import CalibrationConfig, CalibrationMethodName, QuantTypeName, StaticCandidate
-from edgekd.quantize.graph import NothingQuantizedError, load_model, name_unnamed_nodes, quantized_op_count, single_input_name
+from edgekd.quantize.graph import (
+    NothingQuantizedError,
+    load_model,
+    name_unnamed_nodes,
+    quantized_op_count,
+    single_input_name,
+)
 
 CALIBRATION_METHODS: dict[CalibrationMethodName, CalibrationMethod] = {
     "minmax": CalibrationMethod.MinMax,

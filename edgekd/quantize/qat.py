@@ -91,6 +91,9 @@ def export_qdq_onnx(converted: torch.fx.GraphModule, example: torch.Tensor, path
     except Exception as exc:  # the exporter raises many types (export, lowering, onnxscript)
         raise StageError(f"exporting the QAT model to ONNX failed: {one_line(exc)}") from exc
     proto = program.model_proto
+    for node in proto.graph.node:
+        # the exporter annotates every node with its Python stack trace: 3/4 of a small model's bytes
+        del node.metadata_props[:]
     if unsigned_activations(proto) == 0:
         raise StageError("the QAT export has no activation QuantizeLinear/DequantizeLinear pairs",
                          hint="the XNNPACK quantizer annotated no operator of this model")
@@ -119,7 +122,7 @@ def qat_build(method: QatMethod, job: QuantizeJob, out: Path) -> Path:
     train_config = TrainConfig(**method.model_dump(include=set(TrainConfig.model_fields)))
     objective = DistillObjective(job.teacher, [KDTerm(kind="kd")], temperature=method.temperature,
                                  alpha=method.alpha)
-    fit(prepared, objective, job.data, train_config, job.workdir / "qat", device=job.device, resume=False,
+    fit(prepared, objective, job.data, train_config, job.workdir / "qat", device=job.device, resume=job.resume,
         label="qat", seed=job.seed)
     prepared.cpu().eval()
     converted = convert_pt2e(prepared.graph)

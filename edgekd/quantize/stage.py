@@ -41,7 +41,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
         workdir = ctx.stage_dir("quantize")
         job = QuantizeJob(config=self.config, data=ctx.data, student=ctx.student, teacher=ctx.teacher,
                           workdir=workdir, fp32_onnx=lambda: self._fp32_onnx(ctx),
-                          fp32_pte=lambda: self._fp32_pte(ctx, job), device=ctx.device, seed=ctx.recipe.seed)
+                          fp32_pte=lambda: self._fp32_pte(ctx, job), device=ctx.device, seed=ctx.recipe.seed,
+                          resume=ctx.resume)
         outcome = run_method(job)
         root = ctx.run_dir.path
         shipped = outcome.decision.shipped
