@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from edgekd.pipeline.versions import library_versions
+
 #: ISA extensions that decide which kernels a runtime can use (name as Linux reports it)
 ISA_FLAGS: tuple[str, ...] = (
     # x86: FP32 SIMD width, then INT8 dot products (VNNI) and matrix tiles (AMX)
@@ -27,9 +29,6 @@ _MACOS_FEATURES = {"asimddp": "hw.optional.arm.FEAT_DotProd", "i8mm": "hw.option
                    "bf16": "hw.optional.arm.FEAT_BF16", "asimdhp": "hw.optional.arm.FEAT_FP16"}
 
 #: packages whose versions change the numbers
-_VERSION_PACKAGES = ("torch", "torch-pruning", "onnx", "onnxruntime", "executorch", "numpy")
-
-
 def _cpuinfo() -> tuple[str | None, set[str], int | None]:
     """(model name, flags, physical cores) from /proc/cpuinfo (Linux on x86 and Arm)."""
     path = Path("/proc/cpuinfo")
@@ -72,18 +71,6 @@ def _macos() -> tuple[str | None, set[str], int | None]:
     return model, flags, int(physical) if physical and physical.isdigit() else None
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in _VERSION_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _torch_cpu_capability() -> str | None:
     """The SIMD level PyTorch's CPU kernels dispatch to (e.g. "AVX2", "AVX512", "DEFAULT")."""
     try:
@@ -115,7 +102,7 @@ def machine_facts() -> dict[str, Any]:
         "torch_cpu_capability": _torch_cpu_capability(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 
