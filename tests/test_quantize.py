@@ -186,6 +186,8 @@ def test_candidate_search_decision_matches_measured_numbers(cnn16, digits16, tmp
     assert (outcome.sensitivity is not None) == (len(names) > 3)
     assert all(c.ok for c in [outcome.fp32, *outcome.candidates])
     assert_consistent(outcome, job.policy)
+    for candidate in outcome.candidates:  # every ONNX file edgekd writes passes the full checker
+        onnx.checker.check_model(str(candidate.path), full_check=True)
     report = outcome.to_json()
     assert len(report["candidates"]) == 3 and report["reason"]
     assert all(r["latency_ms"] > 0 and r["speedup_vs_fp32"] is not None for r in report["candidates"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from onnxruntime.quantization import quantize_dynamic
 
 from edgekd.errors import StageError
+from edgekd.export.onnx_export import check_onnx_file
 from edgekd.fileio import atomic_path
 from edgekd.quantize.config import DynamicCandidate
 from edgekd.quantize.graph import NothingQuantizedError, load_model, quantized_op_count
@@ -24,6 +25,9 @@ def quantize_dynamic_candidate(prepared: Path, out_path: Path, candidate: Dynami
             quantize_dynamic(str(prepared), str(tmp), per_channel=candidate.per_channel,
                              reduce_range=candidate.reduce_range, weight_type=QUANT_TYPES[candidate.weight_type],
                              nodes_to_exclude=list(nodes_to_exclude or []))
+            check_onnx_file(tmp)  # every ONNX file edgekd writes passes onnx.checker (full check)
+    except StageError:
+        raise
     except Exception as exc:
         raise StageError(f"ORT dynamic quantization ({candidate.label}) failed: {exc}") from exc
     if quantized_op_count(out_path) == 0:

@@ -24,6 +24,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgekd.errors import StageError
+from edgekd.export.onnx_export import check_onnx_file
 from edgekd.fileio import atomic_path
 from edgekd.quantize.calibration import RealSampleReader
 from edgekd.quantize.config import CalibrationConfig, CalibrationMethodName, QuantTypeName, StaticCandidate
@@ -101,6 +102,7 @@ def preprocess(fp32_path: Path, out_path: Path) -> Path:
     if name_unnamed_nodes(model):
         with atomic_path(out_path) as tmp:
             onnx.save(model, str(tmp))
+    check_onnx_file(out_path)
     return out_path
 
 
@@ -137,6 +139,9 @@ def quantize_candidate(prepared: Path, out_path: Path, candidate: StaticCandidat
                 weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[calibration],
                 nodes_to_exclude=list(nodes_to_exclude or []),
             )
+            check_onnx_file(tmp)  # every ONNX file edgekd writes passes onnx.checker (full check)
+    except StageError:
+        raise
     except Exception as exc:
         raise StageError(f"ORT static quantization ({candidate.label}) failed: {exc}") from exc
     if quantized_op_count(out_path) == 0:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import StageError
+from edgekd.export.onnx_export import check_onnx_file
 from edgekd.fileio import atomic_path
 from edgekd.quantize.calibration import batches, calibration_samples
 from edgekd.quantize.config import QatMethod
@@ -97,9 +98,9 @@ def export_qdq_onnx(converted: torch.fx.GraphModule, example: torch.Tensor, path
     if unsigned_activations(proto) == 0:
         raise StageError("the QAT export has no activation QuantizeLinear/DequantizeLinear pairs",
                          hint="the XNNPACK quantizer annotated no operator of this model")
-    onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        check_onnx_file(tmp)  # full check, as for every ONNX file edgekd writes
     return path
 
 
