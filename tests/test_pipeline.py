@@ -16,7 +16,8 @@ from edgekd.errors import RunLockedError
 from edgekd.pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["teacher.train.epochs=2", "data.image_size=16"]
+# the quickstart recipe, shrunk for tests: a standard-width teacher, 2 epochs, 16x16 images
+QUICK = ["teacher.train.epochs=2", "teacher.kwargs={width: 16}", "data.image_size=16"]
 
 
 def _edgekd(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
