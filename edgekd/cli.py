@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ out_console = Console()
 _state = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: dotted.key=value",
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe value: dotted.key=value",
                                                      show_default=False)]
 
 
@@ -37,7 +37,7 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks
 def compress(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="run directory (default runs/<name>/<time>)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>/<time>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out (or the newest run)")] = False,
 ) -> None:
     """Run a recipe end to end: teacher, student, stages, benchmark, report."""
@@ -82,7 +82,7 @@ def schema() -> None:
 def export(
     model: Annotated[Path, typer.Argument(help="portable .pt checkpoint from a run (student/ or teacher/)")],
     to: Annotated[str, typer.Option("--to", help="onnx, ort or pte")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="output file")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output file")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
 ) -> None:
     """Export a model checkpoint to ONNX, ORT Mobile (.ort) or ExecuTorch (.pte), verified for parity."""
@@ -98,10 +98,10 @@ def export(
 @app.command()
 def benchmark(
     model: Annotated[Path, typer.Argument(help=".onnx, .ort, .pte or portable .pt file (the student)")],
-    against: Annotated[Optional[Path], typer.Option("--against", help="the teacher file to compare with")] = None,
-    threads: Annotated[Optional[list[int]], typer.Option("--threads", help="thread counts")] = None,
-    batch_sizes: Annotated[Optional[list[int]], typer.Option("--batch-size", help="batch sizes")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="folder for benchmark.json and reports")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help="the teacher file to compare with")] = None,
+    threads: Annotated[list[int] | None, typer.Option("--threads", help="thread counts")] = None,
+    batch_sizes: Annotated[list[int] | None, typer.Option("--batch-size", help="batch sizes")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for benchmark.json and reports")] = None,
 ) -> None:
     """Time a model (and optionally its teacher, interleaved) on its runtime."""
     from edgekd.bench.command import benchmark_files

@@ -106,6 +106,8 @@ def test_markdown_and_html_render_with_plots(run):
                     "## Machine limit (FP32 GEMM)", "## Stage ledger", "## Machine", "## Speed-ups"):
         assert heading in md, heading
     assert "measured latency on onnxruntime, 1 thread, batch 16" in md and "Gate FAILED" in md
+    # no quantize stage: the FP32 student is what ships, with its measured speed-ups per runtime
+    assert "**Deployed student** (`artifacts/student.onnx`, FP32): measured speed-up over the teacher on torch" in md
     html = (out / "report.html").read_text()
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) == 3 and all(len(i) > 1000 for i in images)  # latency, Pareto, ledger
@@ -144,3 +146,26 @@ def test_gate_passes_or_raises_exit_code_3(run):
     with pytest.raises(GateFailedError) as info:
         check_gate(report, GateConfig(max_accuracy_drop=max(0.0, worst.drop - 0.5)))
     assert info.value.exit_code == 3 and "accuracy gate failed" in str(info.value)
+
+
+def test_deployed_student_is_the_shipped_int8_file_when_quantize_shipped_one():
+    from edgekd.report.markdown import deployed_lines
+    from edgekd.report.schema import Comparison
+
+    artifacts = [{"role": "student", "fmt": "onnx", "path": "artifacts/student.onnx", "precision": "fp32",
+                  "status": "ok"},
+                 {"role": "student", "fmt": "onnx", "path": "artifacts/student.int8.onnx", "precision": "int8",
+                  "status": "ok"}]
+    comparisons = [Comparison(runtime="onnxruntime", threads=1, batch_size=b, model=m, teacher_p50_ms=10.0,
+                              p50_ms=10.0 / x, speedup=x, teacher_top1_pct=99.0, top1_pct=98.5)
+                   for m, b, x in (("student", 1, 3.0), ("student-int8", 1, 5.0), ("student-int8", 32, 7.25))]
+    report = Report(generated="now", run_dir="run", name="r", artifacts=artifacts, comparisons=comparisons)
+    assert report.deployed_student() == ("student-int8", "artifacts/student.int8.onnx")
+    (line,) = deployed_lines(report)
+    assert "`artifacts/student.int8.onnx`, INT8" in line and "3.00x" not in line
+    assert "on onnxruntime 5.00x (1 thread, batch 1), 7.25x (1 thread, batch 32)" in line
+    assert "top-1 98.50% vs teacher 99.00%" in line
+    failed = [dict(a, status="failed") if a["precision"] == "int8" else a for a in artifacts]
+    assert Report(generated="now", run_dir="run", name="r", artifacts=failed).deployed_student() == (
+        "student", "artifacts/student.onnx")
+

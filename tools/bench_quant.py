@@ -1,8 +1,9 @@
 """Quantization benchmark: FP32 vs INT8 on ONNX Runtime, decided the way the quantize stage decides.
 
-Models (trained briefly here on real digits scans at 32x32; untrained nets give meaningless
-accuracy): ResNet-56, MobileNetV2 and the quickstart student (a ResNet-20 teacher, pruned 50%
-with L2 magnitude and ``round_to=8``, then distilled from the teacher). For each model and each
+Models (trained briefly here on real digits scans; untrained nets give meaningless accuracy):
+ResNet-56 and MobileNetV2 at 32x32, and the quickstart student, built as ``recipes/quickstart.yaml``
+builds it (its image size, teacher architecture and prune stage; fewer training epochs), then
+distilled from its teacher. For each model and each
 calibration method (minmax, entropy, percentile) the stage's own search runs: every candidate of
 the default grid is calibrated on 256 real training samples, its top-1 measured on ONNX Runtime,
 and all are timed side by side with FP32 (1 thread, batch 32, interleaved, one process). The table
@@ -30,22 +31,23 @@ from typing import Any
 import onnxruntime
 import torch
 
-from edgekd.data import digits_bundle
+from edgekd.data import digits_bundle, load_data
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
-from edgekd.prune.config import PruneConfig
 from edgekd.prune.targets import PruneEnv, prune_at_ratio
 from edgekd.quantize.candidates import SearchOutcome
 from edgekd.quantize.config import QuantizeConfig
 from edgekd.quantize.methods import run_method, standalone_job
 from edgekd.quantize.ort_static import cpu_has_vnni
+from edgekd.recipe.load import load_recipe
 from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective
 from edgekd.train.trainer import fit
 
 CPU = torch.device("cpu")
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 METHODS = ["minmax", "entropy", "percentile"]
 
 
@@ -60,16 +62,20 @@ def train(model, data, epochs: int, workdir: Path, *, teacher=None, lr: float = 
     model.eval()
 
 
-def quickstart_student(data, epochs: int, kd_epochs: int, tmp: Path):
-    torch.manual_seed(0)
-    teacher = build_model("resnet20", data.num_classes, data.input_shape)
-    train(teacher, data, epochs, tmp / "resnet20-teacher")
+def quickstart_student(epochs: int, kd_epochs: int, tmp: Path):
+    """(student, teacher, data) as the quickstart recipe makes them, trained for fewer epochs."""
+    recipe = load_recipe(QUICKSTART).recipe
+    data = load_data(recipe.data, seed=recipe.seed)
+    torch.manual_seed(recipe.seed)
+    teacher = recipe.teacher.build(data.num_classes, data.input_shape)
+    train(teacher, data, epochs, tmp / "quickstart-teacher")
+    prune_cfg = next(entry.prune for entry in recipe.stages if entry.prune is not None).model_copy(
+        update={"probe": None})
     student = copy.deepcopy(teacher)
-    cfg = PruneConfig(ratio=0.5, importance="l2", round_to=8, probe=None)
-    prune_at_ratio(student, PruneEnv(config=cfg, samples=data.calibration_batch(64), teacher=teacher,
-                                     gradient_batches=lambda: data.train_loader(64)), 0.5)
+    prune_at_ratio(student, PruneEnv(config=prune_cfg, samples=data.calibration_batch(64), teacher=teacher,
+                                     gradient_batches=lambda: data.train_loader(64)), prune_cfg.target.ratio)
     train(student, data, kd_epochs, tmp / "quickstart-kd", teacher=teacher, lr=0.02)
-    return student, teacher
+    return student, teacher, data
 
 
 def ptq(model, data, method: str, workdir: Path, *, min_time: float, candidates=None,
@@ -89,11 +95,11 @@ def print_outcome(model_name: str, method: str, outcome: SearchOutcome) -> dict[
         speedup, drop = cand.speedup_over(fp32), cand.drop_from(fp32)
         size = fp32.size_bytes / cand.size_bytes if cand.size_bytes else float("nan")
         mark = "SHIPPED" if cand is shipped else ("error: " + cand.error[:40] if cand.error else "")
-        print(f"{model_name:<18}{method:<11}{cand.name:<34}{_f(cand.accuracy, 7, 2)}{_f(drop, 7, 2)}"
+        print(f"{model_name:<20}{method:<11}{cand.name:<34}{_f(cand.accuracy, 7, 2)}{_f(drop, 7, 2)}"
               f"{_f(cand.latency_ms, 9, 2)}{_f(speedup, 7, 2)}x{size:>7.2f}x  {mark}", flush=True)
-    print(f"{'':<18}{'':<11}-> {outcome.decision.reason}")
+    print(f"{'':<20}{'':<11}-> {outcome.decision.reason}")
     for note in outcome.notes[1:]:
-        print(f"{'':<18}{'':<11}   note: {note}")
+        print(f"{'':<20}{'':<11}   note: {note}")
     return {"model": model_name, "calibration": method, **outcome.to_json()}
 
 
@@ -181,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="minmax only, shorter training and timing")
     parser.add_argument("--models", nargs="*",
-                        default=["resnet56", "mobilenetv2", "quickstart-student", "resnet20-teacher"])
+                        default=["resnet56", "mobilenetv2", "quickstart-student", "quickstart-teacher"])
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT vs PTQ comparison")
     args = parser.parse_args()
@@ -192,35 +198,39 @@ def main() -> None:
     min_time = 0.4 if args.quick else 1.0
     data = digits_bundle(image_size=32)
     vnni = {True: "yes", False: "no", None: "unknown"}[cpu_has_vnni()]
-    print(f"# quantization benchmark: digits 1x32x32 ({len(data.train)} train / {len(data.val)} val), ONNX Runtime "
+    print(f"# quantization benchmark: digits 1x32x32 (quickstart models at the recipe's size), "
+          f"{len(data.train)} train / {len(data.val)} val, ONNX Runtime "
           f"{onnxruntime.__version__} CPU, 1 thread, batch 32; {platform.processor() or platform.machine()}, "
           f"VNNI: {vnni}; torch {torch.__version__}")
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-quant-") as tmp_name:
         tmp = Path(tmp_name)
-        header = (f"{'model':<18}{'calib':<11}{'candidate':<34}{'top1':>7}{'drop':>7}{'ms':>9}{'speedup':>8}"
+        header = (f"{'model':<20}{'calib':<11}{'candidate':<34}{'top1':>7}{'drop':>7}{'ms':>9}{'speedup':>8}"
                   f"{'size':>8}")
         quickstart: tuple | None = None
         for model_name in args.models:
             started = time.perf_counter()
-            if model_name in ("quickstart-student", "resnet20-teacher"):
+            model_data = data
+            if model_name in ("quickstart-student", "quickstart-teacher"):
                 # the student and its (unpruned) teacher come from one run
-                quickstart = quickstart or quickstart_student(data, epochs + 1, epochs, tmp)
+                quickstart = quickstart or quickstart_student(epochs + 1, epochs, tmp)
                 model = quickstart[0] if model_name == "quickstart-student" else quickstart[1]
+                model_data = quickstart[2]
             else:
                 torch.manual_seed(0)
                 model = build_model(model_name, data.num_classes, data.input_shape)
                 train(model, data, epochs, tmp / model_name)
-            acc = top1_accuracy(model, data.val_x, data.val_y)
+            acc = top1_accuracy(model, model_data.val_x, model_data.val_y)
             params = sum(p.numel() for p in model.parameters())
             print(f"\n## {model_name}: {params:,} params, PyTorch top-1 {acc:.2f}% "
                   f"(trained here in {time.perf_counter() - started:.0f} s)\n{header}", flush=True)
             for method in methods:
-                outcome = ptq(model, data, method, tmp / f"{model_name}-{method}", min_time=min_time)
+                outcome = ptq(model, model_data, method, tmp / f"{model_name}-{method}", min_time=min_time)
                 results.append(print_outcome(model_name, method, outcome))
         qat_rows = [] if args.no_qat else qat_vs_ptq(data, 4, 1 if args.quick else 3,
                                                      [True] if args.quick else [False, True], tmp, min_time)
-    print("\nnotes: resnet20-teacher is the quickstart student's unpruned teacher (full width 16/32/64)")
+    print("\nnotes: quickstart-* follow recipes/quickstart.yaml (its image size, teacher and prune stage); "
+          "quickstart-teacher is the student's unpruned teacher")
     print("columns: top1 on ONNX Runtime (%), drop = FP32 - INT8 (points), ms = median per batch of 32, "
           "speedup = median over interleaved rounds of FP32/INT8, size = FP32 bytes / INT8 bytes")
     checks(results, qat_rows)

@@ -6,8 +6,8 @@ import difflib
 import hashlib
 import json
 import types
-from dataclasses import dataclass
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

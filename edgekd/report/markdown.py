@@ -31,12 +31,31 @@ def summary_lines(report: Report) -> list[str]:
     if worst is not None and report.gate is None:
         lines.append(f"- Largest accuracy drop: {worst.model} on {worst.runtime}, {worst.drop:.2f} points "
                      f"({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; {worst.basis}).")
+    lines += deployed_lines(report)
     for s in report.failed_stages():
         lines.append(f"- Stage **{s.key} failed**: {s.error}")
     if report.benchmark is not None:
         lines += [f"- Note{f' ({n.runtime})' if n.runtime else ''}: {n.message}" for n in report.benchmark.notes]
         lines.append(f"- Timed inputs: {report.benchmark.timing_input}.")
     return lines
+
+
+def deployed_lines(report: Report) -> list[str]:
+    """Which student file ships, and its measured speed-ups: what a device team asks first."""
+    label, path = report.deployed_student()
+    rows = [c for c in report.comparisons if c.model == label and c.speedup is not None]
+    if not rows:
+        return []
+    shipped = (f"`{path}`, INT8 shipped by the quantize stage" if label == "student-int8"
+               else f"`{path}`, FP32" if path else "FP32")
+    by_runtime: dict[str, list[str]] = {}
+    for c in rows:
+        by_runtime.setdefault(c.runtime, []).append(
+            f"{c.speedup:.2f}x ({c.threads} thread{'s' if c.threads > 1 else ''}, batch {c.batch_size})")
+    speed = "; ".join(f"on {runtime} {', '.join(cells)}" for runtime, cells in by_runtime.items())
+    accuracy = next((f"; top-1 {c.top1_pct:.2f}% vs teacher {c.teacher_top1_pct:.2f}%" for c in rows
+                     if c.top1_pct is not None and c.teacher_top1_pct is not None), "")
+    return [f"- **Deployed student** ({shipped}): measured speed-up over the teacher {speed}{accuracy}."]
 
 
 def speedup_lines(report: Report) -> list[str]:

@@ -101,5 +101,15 @@ class Report(BaseModel):
     def worst_drop(self) -> AccuracyDrop | None:
         return max(self.accuracy_drops, key=lambda d: d.drop, default=None)
 
+    def deployed_student(self) -> tuple[str, str | None]:
+        """(benchmark label, artifact path) of the student a user ships: the INT8 file when the
+        quantize stage shipped one, otherwise the FP32 student."""
+        int8 = next((a for a in self.artifacts if a.get("role") == "student" and a.get("precision") == "int8"
+                     and a.get("status") == "ok"), None)
+        if int8 is not None:
+            return "student-int8", int8.get("path")
+        fp32 = next((a for a in self.artifacts if a.get("role") == "student" and a.get("status") == "ok"), None)
+        return "student", None if fp32 is None else fp32.get("path")
+
     def failed_stages(self) -> list[StageStatus]:
         return [s for s in self.stages if s.status == "failed"]
