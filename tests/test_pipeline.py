@@ -87,3 +87,23 @@ def test_resume_after_an_interrupted_stage(tmp_path):
     assert manifest["stages"][0]["outputs"]["teacher/teacher.pt"] == teacher_hash
     assert "skip" not in resumed.stderr or "teacher" not in resumed.stderr.split("skip")[0]
     assert (out / "student" / "after-0-distill.pt").is_file()
+
+
+def test_resume_keeps_the_artifacts_of_finished_stages(tmp_path):
+    """A resumed run restores the earlier stages' files before it saves anything, so a benchmark
+    run after the resume still finds the exported student (it once lost them and timed torch only)."""
+    out = tmp_path / "run"
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    sets = _sets(QUICK + ["stages=[{export: {formats: [onnx], verify: {samples: 32}}}]", "benchmark=null",
+                          "gate=null"])
+    first = _edgekd("compress", recipe, *sets, "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert {"artifacts/student.onnx", "artifacts/teacher.onnx"} <= {a["path"] for a in before}
+    again = _edgekd("compress", recipe, *sets, "--out", str(out), "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "skip 0-export" in again.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"] == before
+    report = json.loads((out / "report.json").read_text())
+    assert {"artifacts/student.onnx", "artifacts/teacher.onnx"} <= {a["path"] for a in report["artifacts"]}

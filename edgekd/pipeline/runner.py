@@ -121,7 +121,6 @@ class Runner:
             self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
                                f"({len(data.train)} train / {len(data.val)} val samples, device {device})")
             ctx = self._run_teacher(data, device)
-            self._restore(ctx)
             for index, (key, stage) in enumerate(steps[1:], start=1):
                 record = self.manifest["stages"][index]
                 if record["status"] == "done":
@@ -162,6 +161,8 @@ class Runner:
                            f"({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
         ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
                          student=self._initial_student(teacher, data), resume=self.resume)
+        # restore before saving: saving a fresh context would overwrite the finished stages' artifacts
+        self._restore(ctx)
         self._save(ctx)
         return ctx
 
