@@ -15,6 +15,14 @@ show mean ± standard deviation of validation top-1. ``best`` is the best epoch'
 
     python tools/bench_kd.py            # full (about 30-60 min on 2 busy cores)
     python tools/bench_kd.py --quick    # smaller images, fewer epochs (about 10-15 min)
+    python tools/bench_kd.py --sections digits --ratios 0.7 --teacher-epochs 40 --epochs 30
+
+Measured here (digits 16x16, ResNet-56, 70% pruned, 3 seeds; best top-1): the pruned student
+recovers to the teacher's accuracy by fine-tuning alone, so KD has no gap to close. Teacher 15
+epochs (98.05%), students 15 epochs: kd 97.96 ± 0.43 vs finetune 97.96 ± 0.58; 30 epochs: kd
+98.14 ± 0.16 vs finetune 98.24 ± 0.16. Teacher 40 epochs (98.61%), students 30 epochs: kd
+98.33 ± 0.28 vs finetune 98.61 ± 0.28. Short budgets favour fine-tuning (3 / 5 / 8 epochs: kd
+-6.6 / -2.4 / -1.2 points): at T=4 the soft targets teach more slowly than hard labels.
 """
 
 from __future__ import annotations
@@ -184,10 +192,12 @@ def main() -> None:
                         choices=["digits", "mnist1d", "cache"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="digits teacher epochs (default 15)")
+    parser.add_argument("--epochs", type=int, default=None, help="digits student epochs per method (default 15)")
     args = parser.parse_args()
     args.image_size = 8 if args.quick else 16
-    args.teacher_epochs = 10 if args.quick else 15
-    args.epochs = 8 if args.quick else 15
+    args.teacher_epochs = args.teacher_epochs or (10 if args.quick else 15)
+    args.epochs = args.epochs or (8 if args.quick else 15)
     args.mlp_epochs = 60 if args.quick else 100
     args.cache_epochs, args.cache_rounds = (2, 2) if args.quick else (3, 3)
 
