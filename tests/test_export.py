@@ -29,6 +29,7 @@ from edgekd.pipeline.rundir import RunDir
 from edgekd.pipeline.stage import stage_for
 from edgekd.recipe.stages import StageEntry
 from edgekd.runtimes.registry import get_runtime
+from tests.training import train_briefly
 
 SPEC = ModelSpec(model="resnet20", kwargs={"width": 8})
 
@@ -43,15 +44,7 @@ class _Recipe:
 def teacher(digits8):
     torch.manual_seed(0)
     model = SPEC.build(digits8.num_classes, digits8.input_shape)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for epoch in range(2):
-        for x, y in digits8.train_loader(64, seed=epoch):
-            loss = torch.nn.functional.cross_entropy(model(x.contiguous()), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_briefly(model, digits8, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 2)
 
 
 @pytest.fixture(scope="module")

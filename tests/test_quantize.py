@@ -21,6 +21,7 @@ from edgekd.quantize.config import QuantizeConfig
 from edgekd.quantize.graph import NothingQuantizedError, op_histogram
 from edgekd.quantize.methods import run_method, standalone_job
 from edgekd.runtimes.registry import get_runtime
+from tests.training import train_briefly
 
 FAST_TIMING = {"warmup": 1, "min_time_s": 0.15, "min_iters": 5}
 
@@ -54,15 +55,8 @@ class MLP(nn.Module):
 
 def train(model: nn.Module, data, epochs: int, lr: float = 3e-3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        model.train()
-        for x, y in data.train_loader(64, seed=seed):
-            loss = nn.functional.cross_entropy(model(x.contiguous()), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_briefly(model, data, torch.optim.Adam(model.parameters(), lr=lr), epochs,
+                         loader_seed=lambda _epoch: seed)
 
 
 def top1(model: nn.Module, data) -> float:

@@ -23,6 +23,7 @@ from edgekd.models.spec import ModelSpec
 from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime, threadpool_size
 from edgekd.runtimes.registry import RUNTIME_FOR_FORMAT, RUNTIMES, get_runtime, runtime_for_format
 from edgekd.runtimes.torch_eager import TorchRuntime
+from tests.training import train_briefly
 
 SPEC = ModelSpec(model="cnn1d")
 
@@ -31,15 +32,8 @@ def _trained(data, *, epochs: int = 3, seed: int = 0) -> torch.nn.Module:
     """A real, deterministic little model: about 70% top-1 on MNIST-1D after three epochs."""
     torch.manual_seed(seed)
     model = SPEC.build(data.num_classes, data.input_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for epoch in range(epochs):
-        for x, y in data.train_loader(64, seed=seed + epoch):
-            loss = torch.nn.functional.cross_entropy(model(x.contiguous()), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_briefly(model, data, torch.optim.Adam(model.parameters(), lr=3e-3), epochs,
+                         loader_seed=lambda epoch: seed + epoch)
 
 
 @pytest.fixture(scope="module")

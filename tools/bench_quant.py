@@ -36,7 +36,7 @@ from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
-from edgekd.prune.targets import PruneEnv, prune_at_ratio
+from edgekd.prune.targets import PruneEnv, reach_target
 from edgekd.quantize.candidates import SearchOutcome
 from edgekd.quantize.config import QuantizeConfig
 from edgekd.quantize.methods import run_method, standalone_job
@@ -71,9 +71,10 @@ def quickstart_student(epochs: int, kd_epochs: int, tmp: Path):
     train(teacher, data, epochs, tmp / "quickstart-teacher")
     prune_cfg = next(entry.prune for entry in recipe.stages if entry.prune is not None).model_copy(
         update={"probe": None})
-    student = copy.deepcopy(teacher)
-    prune_at_ratio(student, PruneEnv(config=prune_cfg, samples=data.calibration_batch(64), teacher=teacher,
-                                     gradient_batches=lambda: data.train_loader(64)), prune_cfg.target.ratio)
+    # reach_target: whatever target the recipe's prune stage names (ratio, MACs, latency, ...)
+    student = reach_target(copy.deepcopy(teacher), PruneEnv(
+        config=prune_cfg, samples=data.calibration_batch(64), teacher=teacher,
+        gradient_batches=lambda: data.train_loader(64))).model
     train(student, data, kd_epochs, tmp / "quickstart-kd", teacher=teacher, lr=0.02)
     return student, teacher, data
 

@@ -10,26 +10,17 @@ from pathlib import Path
 
 from onnxruntime.quantization import quantize_dynamic
 
-from edgekd.errors import StageError
-from edgekd.export.onnx_export import check_onnx_file
-from edgekd.fileio import atomic_path
 from edgekd.quantize.config import DynamicCandidate
 from edgekd.quantize.graph import NothingQuantizedError, load_model, quantized_op_count
-from edgekd.quantize.ort_static import QUANT_TYPES, quiet_root_logger
+from edgekd.quantize.ort_static import QUANT_TYPES, quantizer_output
 
 
 def quantize_dynamic_candidate(prepared: Path, out_path: Path, candidate: DynamicCandidate, *,
                                nodes_to_exclude: list[str] | None = None) -> Path:
-    try:
-        with atomic_path(out_path) as tmp, quiet_root_logger():
-            quantize_dynamic(str(prepared), str(tmp), per_channel=candidate.per_channel,
-                             reduce_range=candidate.reduce_range, weight_type=QUANT_TYPES[candidate.weight_type],
-                             nodes_to_exclude=list(nodes_to_exclude or []))
-            check_onnx_file(tmp)  # every ONNX file edgekd writes passes onnx.checker (full check)
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"ORT dynamic quantization ({candidate.label}) failed: {exc}") from exc
+    with quantizer_output(out_path, f"ORT dynamic quantization ({candidate.label})") as tmp:
+        quantize_dynamic(str(prepared), str(tmp), per_channel=candidate.per_channel,
+                         reduce_range=candidate.reduce_range, weight_type=QUANT_TYPES[candidate.weight_type],
+                         nodes_to_exclude=list(nodes_to_exclude or []))
     if quantized_op_count(out_path) == 0:
         ops = sorted({n.op_type for n in load_model(prepared).graph.node})
         raise NothingQuantizedError(

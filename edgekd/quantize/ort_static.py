@@ -66,6 +66,21 @@ def quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextmanager
+def quantizer_output(out_path: Path, what: str) -> Iterator[Path]:
+    """A temporary path for one ORT quantizer call's output: the file reaches ``out_path`` only
+    when the quantizer succeeded and the result passes the full onnx.checker (as every ONNX
+    file edgekd writes does); any other failure becomes a ``StageError`` naming ``what``."""
+    try:
+        with atomic_path(out_path) as tmp, quiet_root_logger():
+            yield tmp
+            check_onnx_file(tmp)
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(f"{what} failed: {exc}") from exc
+
+
 def cpu_has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI dot-product instructions (None when unknown, e.g. not Linux).
 
@@ -130,20 +145,14 @@ def calibrate(prepared: Path, samples: torch.Tensor, config: CalibrationConfig, 
 def quantize_candidate(prepared: Path, out_path: Path, candidate: StaticCandidate, *, cache_path: Path,
                        calibration: CalibrationMethodName, nodes_to_exclude: list[str] | None = None) -> Path:
     """One static INT8 model from the cached ranges. Raises ``StageError`` when nothing could be quantized."""
-    try:
-        with atomic_path(out_path) as tmp, quiet_root_logger():
-            quantize_static(
-                str(prepared), str(tmp), calibration_data_reader=None, calibration_cache_path=str(cache_path),
-                quant_format=FORMATS[candidate.format], per_channel=candidate.per_channel,
-                reduce_range=candidate.reduce_range, activation_type=QUANT_TYPES[candidate.activation_type],
-                weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[calibration],
-                nodes_to_exclude=list(nodes_to_exclude or []),
-            )
-            check_onnx_file(tmp)  # every ONNX file edgekd writes passes onnx.checker (full check)
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"ORT static quantization ({candidate.label}) failed: {exc}") from exc
+    with quantizer_output(out_path, f"ORT static quantization ({candidate.label})") as tmp:
+        quantize_static(
+            str(prepared), str(tmp), calibration_data_reader=None, calibration_cache_path=str(cache_path),
+            quant_format=FORMATS[candidate.format], per_channel=candidate.per_channel,
+            reduce_range=candidate.reduce_range, activation_type=QUANT_TYPES[candidate.activation_type],
+            weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[calibration],
+            nodes_to_exclude=list(nodes_to_exclude or []),
+        )
     if quantized_op_count(out_path) == 0:
         ops = sorted({n.op_type for n in load_model(prepared).graph.node})
         raise NothingQuantizedError(
