@@ -1,3 +1,4 @@
 from edgekd.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned child process (parallel export) imports this module too
+    main()

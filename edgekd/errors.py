@@ -20,6 +20,19 @@ class EdgekdError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self):
+        # Errors cross process boundaries (the export stage runs a role in a child process).
+        # Exception's default pickling re-calls __init__ with ``args`` alone, which would drop
+        # ``hint`` and subclass fields (a ParityError's numbers), so restore the whole state.
+        return _restore_error, (type(self), self.args, self.__dict__)
+
+
+def _restore_error(cls: type[EdgekdError], args: tuple, state: dict) -> EdgekdError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(EdgekdError):
     """Bad user input known before any work starts (a recipe, an override, a CLI argument)."""

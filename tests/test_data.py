@@ -19,6 +19,20 @@ def test_digits_resized_and_normalised():
     assert b.train_x.is_contiguous()
 
 
+def test_digits_read_without_sklearn_are_sklearns_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from edgekd.data import sources
+
+    cfg = DigitsData(dataset="digits", image_size=8)
+    fast_x, fast_y, _, _ = sources.load_digits_arrays(cfg)  # from the bundled CSV, sklearn not imported
+    bunch = load_digits()
+    assert np.array_equal(fast_y, bunch.target) and np.allclose(fast_x[:, 0] * 16.0, bunch.images)
+    monkeypatch.setattr(sources, "_digits_csv", lambda: None)  # no CSV file: load_digits() itself
+    slow_x, slow_y, _, _ = sources.load_digits_arrays(cfg)
+    assert np.array_equal(fast_x, slow_x) and np.array_equal(fast_y, slow_y)
+
+
 def test_split_is_deterministic_and_stratified():
     y = np.repeat(np.arange(5), 40)
     tr1, va1 = stratified_split(y, 0.25, seed=3)

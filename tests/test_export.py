@@ -227,3 +227,35 @@ def test_export_command_writes_a_verified_ort_and_its_onnx(student, digits8, tmp
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(EdgekdError, match="truncated.pt"):
         export_model(truncated, "onnx")
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="roles export in parallel only with 2+ cores")
+def test_roles_export_in_parallel_and_child_errors_keep_their_numbers(teacher, student, digits8, tmp_path):
+    def run(name: str, **settings) -> tuple[RunContext, BaseException | None]:
+        ctx = _context(tmp_path / name, digits8, teacher, student)
+        entry = StageEntry.model_validate({"export": {"formats": ["onnx"], "verify": {"samples": 64}, **settings}})
+        try:
+            stage_for(entry.config).run(ctx)
+        except EdgekdError as exc:
+            return ctx, exc
+        return ctx, None
+
+    parallel, error = run("parallel")
+    assert error is None and parallel.report_data["export"]["parallel_roles"] is True
+    # recorded in role order whichever process finished first; the files are what one process makes
+    assert [(r["role"], r["status"]) for r in parallel.report_data["export"]["artifacts"]] == [
+        ("teacher", "ok"), ("student", "ok")]
+    for role in ("teacher", "student"):
+        artifact = parallel.artifact(role, "onnx")
+        assert artifact.path.is_file() and artifact.info["parity"]["top1_agreement"] == 1.0
+        assert artifact.info["parity"]["max_abs_diff"] < 1e-3 and artifact.info["batchnorm_nodes"] == 0
+
+    # the teacher (exported in the child) fails parity: its numbers and hint cross the process boundary,
+    # and the first role's error is the one raised
+    failing, error = run("failing", verify={"samples": 64, "atol": 1e-12})
+    assert isinstance(error, ParityError) and "the teacher's .onnx" in error.message
+    assert error.hint and "atol" in error.hint
+    (row,) = error.outputs
+    assert 0 < row["max_abs_diff"] < 1e-3
+    assert failing.artifact("teacher", "onnx").status == "failed"
+    assert failing.artifact("teacher", "onnx").info["parity"]["max_abs_diff"] == row["max_abs_diff"]

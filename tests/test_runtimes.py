@@ -177,3 +177,19 @@ def test_parity_error_lists_the_numbers(model, artifacts, signals):
     assert row["output"] == "logits" and row["max_abs_diff"] > 1e-3
     assert 0.0 <= row["top1_agreement"] < 1.0
     assert "max abs diff" in info.value.message and "top-1 agreement" in info.value.message
+
+
+def test_running_a_pte_does_not_import_the_executorch_compiler(artifacts, signals):
+    """A process that only runs .pte files must not pay for executorch.exir (7 s and ~100 MB here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime\n"
+            f"model = ExecuTorchRuntime().load({str(artifacts['pte'])!r}, 1)\n"
+            f"out = model.run(np.zeros((2, {', '.join(map(str, signals.input_shape))}), dtype=np.float32))\n"
+            "assert out.shape == (2, 10), out.shape\n"
+            "print(sorted(m for m in sys.modules if m.startswith('executorch.exir')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

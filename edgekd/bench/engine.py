@@ -3,19 +3,22 @@
 Candidates come in groups timed together: the stage makes one group per runtime (teacher,
 student and INT8 student files of that runtime's format); ``edgekd benchmark`` makes one group
 of the two files it is given, whatever their runtimes. For each group and thread count: load
-every candidate once, check each runs, score accuracy (first thread count only: the thread
-count does not change the arithmetic), then for each batch size time all of the group's
+every candidate once, check each runs, score accuracy (at the largest thread count only: the
+thread count does not change the arithmetic, and more threads finish sooner), then for each batch size time all of the group's
 candidates interleaved with the harness; drop the loaded models before the next thread count
 (ExecuTorch's thread pool is process-wide and may only be resized while no model holds it).
-Peak memory is measured per file in a fresh subprocess afterwards, and the FP32 GEMM peak once
-per thread count.
+Peak memory is measured per file in a fresh subprocess afterwards (several at once: a process's
+peak RSS does not depend on what runs beside it, unlike its latency), and the FP32 GEMM peak
+once per thread count.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +40,8 @@ from edgekd.runtimes.registry import RUNTIMES, get_runtime
 
 #: the largest batch used to score accuracy (capped by a file's max batch)
 ACCURACY_BATCH = 64
+#: memory-measuring child processes run at once (each imports a runtime and loads one model)
+MEMORY_WORKERS = 4
 
 
 @dataclass
@@ -116,8 +121,9 @@ class _Bench:
                 runtime=c.runtime, label=c.label, role=c.role, precision=c.precision, fmt=RUNTIMES[c.runtime].fmt,
                 path=_rel(c.path, self.root), file_bytes=c.path.stat().st_size if c.path.is_file() else None,
                 params=c.params, macs=c.macs)
-        for i, threads in enumerate(self.config.threads):
-            self._at_threads(group, threads, score_accuracy=i == 0)
+        most = max(self.config.threads)
+        for threads in self.config.threads:
+            self._at_threads(group, threads, score_accuracy=threads == most)
             gc.collect()  # the loaded models are gone: an ExecuTorch pool may now be resized
         if self.config.memory:
             self._memory(group)
@@ -193,15 +199,19 @@ class _Bench:
     def _memory(self, group: TimingGroup) -> None:
         threads = self.config.threads[0]
         largest = max(self.config.batch_sizes)
-        for c in group.candidates:
+        todo = [c for c in group.candidates if self.entry(c).error is None]
+
+        def measure(c: Candidate) -> None:
             entry = self.entry(c)
-            if entry.error is not None:
-                continue
             try:
                 entry.memory = measure_peak_memory(c.path, c.runtime, batch_size=min(largest, entry.max_batch or largest),
                                                    threads=threads, sample_shape=self.inputs.sample_shape)
             except EdgekdError as exc:
                 entry.memory_error = _first_line(exc)
+
+        # each measurement is its own child process: threads here only wait on them
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1, MEMORY_WORKERS))) as pool:
+            list(pool.map(measure, todo))
 
 
 def unavailable_note(runtime: str) -> Note | None:

@@ -32,7 +32,7 @@ RUNTIME_LIBRARIES: dict[str, str] = {
     "torch": "torch",
     "onnxruntime": "onnxruntime",
     "ort-mobile": "onnxruntime",
-    "executorch": "executorch.extension.pybindings.portable_lib",
+    "executorch": "executorch.extension.pybindings._C",  # not portable_lib: see runtimes.executorch_xnnpack
 }
 _MIB = 1024.0 * 1024.0
 

@@ -50,6 +50,9 @@ class ExportConfig(StrictModel):
         "arm", description="optimisations baked into the .ort: arm keeps it portable to phones "
         "(no x86-only NCHWc layout); amd64 allows them")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="parity tolerances")
+    parallel: bool = Field(True, description="export the first role (the teacher) in a child process while this "
+                           "one exports the others, on machines with more than one core (exporting is mostly "
+                           "single-threaded); the files are the same either way")
 
     @field_validator("formats", "roles")
     @classmethod

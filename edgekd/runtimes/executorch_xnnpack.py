@@ -4,7 +4,7 @@ Threads (what we found in executorch 1.5.1): XNNPACK runs on ExecuTorch's one pr
 pthreadpool (``executorch::extension::threadpool::get_threadpool()``), created on first use
 with one thread per core. Each XNNPACK delegate keeps a raw pointer to that pool when its
 program is loaded, and the Python bindings expose no per-model or per-backend thread option.
-The only control is ``portable_lib._unsafe_reset_threadpool(n)``, which destroys the pool and
+The only control is ``_unsafe_reset_threadpool(n)``, which destroys the pool and
 builds a new one: safe before a program is loaded, and unsafe while any loaded program is
 alive (its delegate would keep using the destroyed pool; this is the crash seen on this
 machine). So this runtime resizes the pool only when no ExecuTorch model loaded through it is
@@ -14,9 +14,8 @@ one is. Load all models for one thread count, run them, drop them, then load for
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import logging
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,27 +30,25 @@ from edgekd.runtimes.base import LoadedModel, Runtime
 _LIVE: weakref.WeakSet[ExecuTorchLoadedModel] = weakref.WeakSet()
 
 
-def _portable_lib() -> Any:
-    # The first import warns "This API is experimental" and logs torchao/pytree notices that
-    # say nothing about the user's model: keep them out of the CLI's output.
-    noisy = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in noisy]
-    for lg in noisy:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from executorch.extension.pybindings import portable_lib
-            from executorch.runtime import Runtime  # noqa: F401  (imports the same bindings)
-    finally:
-        for lg, level in zip(noisy, levels, strict=True):
-            lg.setLevel(level)
-    return portable_lib
+@functools.cache
+def _bindings() -> Any:
+    """ExecuTorch's compiled runtime bindings (``executorch.extension.pybindings._C``).
+
+    Imported directly rather than through ``portable_lib`` or ``executorch.runtime``: both re-export
+    the same functions, but ``portable_lib`` first imports ``executorch.exir._warnings`` to issue an
+    "experimental API" warning, which loads the whole ``executorch.exir`` compiler (and torchao):
+    7 s of a 2-core machine's time and ~100 MB in every process that only runs ``.pte`` files.
+    torch is imported first because the extension links against libtorch (as ``portable_lib`` does).
+    """
+    import torch  # noqa: F401  (loads libtorch.so for the extension)
+    from executorch.extension.pybindings import _C
+
+    return _C
 
 
 def threadpool_size() -> int:
     """Threads in ExecuTorch's process-wide pool (the one XNNPACK runs on)."""
-    return int(_portable_lib()._threadpool_get_thread_count())
+    return int(_bindings()._threadpool_get_thread_count())
 
 
 def set_threadpool_size(threads: int) -> None:
@@ -65,7 +62,7 @@ def set_threadpool_size(threads: int) -> None:
             f"while {alive} ExecuTorch model(s) are loaded (the pool is process-wide and resizing it under a "
             "loaded model crashes)",
             hint="load all models for one thread count, run them, drop them, then load for the next count")
-    _portable_lib()._unsafe_reset_threadpool(threads)
+    _bindings()._unsafe_reset_threadpool(threads)
 
 
 class ExecuTorchLoadedModel(LoadedModel):
@@ -76,7 +73,7 @@ class ExecuTorchLoadedModel(LoadedModel):
         self._method = method
         self.threads = threads
         self.path = path
-        meta = method.metadata
+        meta = method.method_meta()
         if meta.num_inputs() != 1:
             raise StageError(f"executorch: {path} takes {meta.num_inputs()} inputs; edgekd models take one")
         # memory is planned for the upper bound of each dimension: sizes are the largest shape accepted
@@ -95,7 +92,7 @@ class ExecuTorchLoadedModel(LoadedModel):
                              if tuple(x.shape[1:]) == self.sample_shape else
                              "the artifact was exported for another input shape")
         try:
-            out = self._method.execute([x])
+            out = self._method([x])
         except RuntimeError as exc:
             raise StageError(f"executorch failed to run {self.path.name}: {exc}") from exc
         return out[0].detach().float().numpy()
@@ -115,16 +112,19 @@ class ExecuTorchRuntime(Runtime):
             raise RuntimeUnavailableError("the executorch runtime is not installed: pip install 'edgekd[mobile]'")
         artifact = self._check_file(artifact, threads)
         set_threadpool_size(threads)  # before loading: the delegate captures the pool at load time
-        from executorch.runtime import Runtime as EtRuntime
-
+        bindings = _bindings()
         try:
-            program = EtRuntime.get().load_program(artifact)
+            # what executorch.runtime.Runtime.load_program(path) calls, without its heavy import
+            program = bindings._load_program(str(artifact), enable_etdump=False, debug_buffer_size=0,
+                                             program_verification=bindings.Verification.InternalConsistency,
+                                             data_path=None)
+            names = {program.get_method_name(i) for i in range(program.num_methods())}
+            if "forward" not in names:
+                raise StageError(f"executorch: {artifact} has no 'forward' method (it has: {', '.join(sorted(names))})",
+                                 hint="export the model with edgekd export MODEL --to pte")
             method = program.load_method("forward")
         except RuntimeError as exc:
             raise self._bad_artifact(artifact, exc) from exc
-        if method is None:
-            raise StageError(f"executorch: {artifact} has no 'forward' method",
-                             hint="export the model with edgekd export MODEL --to pte")
         loaded = ExecuTorchLoadedModel(program, method, threads, artifact)
         _LIVE.add(loaded)
         return loaded
