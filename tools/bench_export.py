@@ -14,7 +14,6 @@ on a shared machine hits both alike; the ratio of the medians is printed.
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing
 import statistics
 import subprocess
@@ -26,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-
 _IMPORTS = {
     "portable_lib (what executorch.runtime imports)": "import executorch.extension.pybindings.portable_lib",
     "edgekd's loader (torch + pybindings._C)": "import torch; from executorch.extension.pybindings import _C",
@@ -35,25 +32,16 @@ _IMPORTS = {
 
 
 def _jobs(out_dir: Path):
-    from edgekd.data import load_data
+    from quickstart_models import quickstart_models
+
     from edgekd.export.config import ExportConfig
     from edgekd.export.stage import ExportJob
-    from edgekd.prune.targets import PruneEnv, reach_target
-    from edgekd.recipe.load import load_recipe
 
-    recipe = load_recipe(QUICKSTART).recipe
-    data = load_data(recipe.data, seed=recipe.seed)
-    torch.manual_seed(recipe.seed)
-    teacher = recipe.teacher.build(data.num_classes, data.input_shape).eval()
-    prune_cfg = next(entry.prune for entry in recipe.stages if entry.prune is not None).model_copy(
-        update={"probe": None})
-    student = reach_target(copy.deepcopy(teacher), PruneEnv(
-        config=prune_cfg, samples=data.calibration_batch(64), teacher=teacher,
-        gradient_batches=lambda: data.train_loader(64))).model.eval()
+    teacher, student, data = quickstart_models()
     cfg = ExportConfig(formats=["onnx", "ort", "pte"])
     x_val, _ = data.val_tensors(cfg.verify.samples)
     example = data.example_batch(2)
-    return {role: ExportJob(role, model, example, out_dir, cfg) for role, model in
+    return {role: ExportJob(role, model.eval(), example, out_dir, cfg) for role, model in
             (("teacher", teacher), ("student", student))}, x_val
 
 

@@ -30,24 +30,22 @@ from typing import Any
 
 import onnxruntime
 import torch
+from quickstart_models import quickstart_models
 
-from edgekd.data import digits_bundle, load_data
+from edgekd.data import digits_bundle
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
-from edgekd.prune.targets import PruneEnv, reach_target
 from edgekd.quantize.candidates import SearchOutcome
 from edgekd.quantize.config import QuantizeConfig
 from edgekd.quantize.methods import run_method, standalone_job
 from edgekd.quantize.ort_static import cpu_has_vnni
-from edgekd.recipe.load import load_recipe
 from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective
 from edgekd.train.trainer import fit
 
 CPU = torch.device("cpu")
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 METHODS = ["minmax", "entropy", "percentile"]
 
 
@@ -64,17 +62,8 @@ def train(model, data, epochs: int, workdir: Path, *, teacher=None, lr: float = 
 
 def quickstart_student(epochs: int, kd_epochs: int, tmp: Path):
     """(student, teacher, data) as the quickstart recipe makes them, trained for fewer epochs."""
-    recipe = load_recipe(QUICKSTART).recipe
-    data = load_data(recipe.data, seed=recipe.seed)
-    torch.manual_seed(recipe.seed)
-    teacher = recipe.teacher.build(data.num_classes, data.input_shape)
-    train(teacher, data, epochs, tmp / "quickstart-teacher")
-    prune_cfg = next(entry.prune for entry in recipe.stages if entry.prune is not None).model_copy(
-        update={"probe": None})
-    # reach_target: whatever target the recipe's prune stage names (ratio, MACs, latency, ...)
-    student = reach_target(copy.deepcopy(teacher), PruneEnv(
-        config=prune_cfg, samples=data.calibration_batch(64), teacher=teacher,
-        gradient_batches=lambda: data.train_loader(64))).model
+    teacher, student, data = quickstart_models(
+        lambda model, data: train(model, data, epochs, tmp / "quickstart-teacher"))
     train(student, data, kd_epochs, tmp / "quickstart-kd", teacher=teacher, lr=0.02)
     return student, teacher, data
 
