@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,37 +30,31 @@ _IMPORTS = {
 }
 
 
-def _jobs(out_dir: Path):
-    from quickstart_models import quickstart_models
+def run_once(mode: str) -> float:
+    """One run of the export stage itself on both roles, in this (fresh) process; seconds.
 
+    ``export.parallel`` is what differs: off exports the roles one after the other, on (the default)
+    exports the teacher in a spawned child process meanwhile. The models are built beforehand.
+    """
+    from quickstart_models import QUICKSTART, quickstart_models
+
+    import edgekd.export.stage  # noqa: F401  (registers the export stage)
     from edgekd.export.config import ExportConfig
-    from edgekd.export.stage import ExportJob
+    from edgekd.pipeline.context import RunContext
+    from edgekd.pipeline.rundir import RunDir
+    from edgekd.pipeline.stage import stage_for
+    from edgekd.recipe.load import load_recipe
 
     teacher, student, data = quickstart_models()
-    cfg = ExportConfig(formats=["onnx", "ort", "pte"])
-    x_val, _ = data.val_tensors(cfg.verify.samples)
-    example = data.example_batch(2)
-    return {role: ExportJob(role, model.eval(), example, out_dir, cfg) for role, model in
-            (("teacher", teacher), ("student", student))}, x_val
-
-
-def run_once(mode: str) -> float:
-    """One export of both roles in this (fresh) process; seconds, models built beforehand."""
-    from edgekd.export.stage import _export_role_in_child, export_role
-
+    stage = stage_for(ExportConfig(formats=["onnx", "ort", "pte"], parallel=mode == "parallel"))
     with tempfile.TemporaryDirectory() as tmp:
-        jobs, x_val = _jobs(Path(tmp))
+        ctx = RunContext(recipe=load_recipe(QUICKSTART).recipe, run_dir=RunDir(Path(tmp)), data=data,
+                         device=torch.device("cpu"), teacher=teacher.eval(), student=student.eval())
         started = time.perf_counter()
-        if mode == "sequential":
-            outcomes = [export_role(job, x_val) for job in jobs.values()]
-        else:  # what the stage does: the teacher in a spawned child, the student here
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                future = pool.submit(_export_role_in_child, jobs["teacher"], x_val)
-                outcomes = [export_role(jobs["student"], x_val), future.result()]
+        stage.run(ctx)  # raises when an artifact cannot be made or fails its parity check
         seconds = time.perf_counter() - started
-    failed = [o.error for o in outcomes if o.error is not None]
-    if failed:
-        raise SystemExit(f"export failed: {failed[0]}")
+    if ctx.report_data["export"]["parallel_roles"] != (mode == "parallel"):
+        raise SystemExit(f"the stage did not run in {mode} mode (a single core?)")
     return seconds
 
 

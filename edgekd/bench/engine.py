@@ -4,9 +4,10 @@ Candidates come in groups timed together: the stage makes one group per runtime 
 student and INT8 student files of that runtime's format); ``edgekd benchmark`` makes one group
 of the two files it is given, whatever their runtimes. For each group and thread count: load
 every candidate once, check each runs, score accuracy (at the largest thread count only: the
-thread count does not change the arithmetic, and more threads finish sooner), then for each batch size time all of the group's
-candidates interleaved with the harness; drop the loaded models before the next thread count
-(ExecuTorch's thread pool is process-wide and may only be resized while no model holds it).
+thread count does not change the arithmetic, and more threads finish sooner), then for each
+batch size time all of the group's candidates interleaved with the harness; drop the loaded
+models before the next thread count (ExecuTorch's thread pool is process-wide and may only be
+resized while no model holds it).
 Peak memory is measured per file in a fresh subprocess afterwards (several at once: a process's
 peak RSS does not depend on what runs beside it, unlike its latency), and the FP32 GEMM peak
 once per thread count.

@@ -220,7 +220,7 @@ class ExportStage(Stage[ExportConfig]):
                                        config=cfg)
             # Exporting is mostly single-threaded Python (torch.export, ExecuTorch's lowering passes), so
             # with a second core the first role (the teacher, the larger model) is exported in a child
-            # process while this one exports the rest: the quickstart's export took 46 s in one process.
+            # process while this one exports the rest (measured: see the module docstring).
             child = None
             if cfg.parallel and len(jobs) > 1 and (os.cpu_count() or 1) > 1:
                 pool = stack.enter_context(ProcessPoolExecutor(max_workers=1,
@@ -236,15 +236,11 @@ class ExportStage(Stage[ExportConfig]):
             if child is not None:
                 first = cfg.roles[0]
                 outcomes[first] = _child_outcome(child, jobs[first], x_val)
-        # recorded in the recipe's role order, whichever process finished first
-        for role in cfg.roles:
-            outcome = outcomes.get(role)
-            if outcome is None:
-                continue
-            for artifact in outcome.artifacts:
-                ctx.add_artifact(artifact)
-                summary["artifacts"].append(_summary_row(artifact, ctx.run_dir.path))
-        for role in cfg.roles:
-            outcome = outcomes.get(role)
-            if outcome is not None and outcome.error is not None:
-                raise outcome.error
+        # recorded in the recipe's role order, whichever process finished first; the first role's error wins
+        ordered = [outcomes[role] for role in cfg.roles if role in outcomes]
+        for artifact in (a for outcome in ordered for a in outcome.artifacts):
+            ctx.add_artifact(artifact)
+            summary["artifacts"].append(_summary_row(artifact, ctx.run_dir.path))
+        error = next((outcome.error for outcome in ordered if outcome.error is not None), None)
+        if error is not None:
+            raise error
