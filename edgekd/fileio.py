@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# the process umask, read once at import (reading it means setting it, which is not thread-safe)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+#: what ``open(path, "w")`` would have created: mkstemp's files are 0600, which hides shipped
+#: artifacts from the other users of a board or server (a web server, a deploy account)
+NEW_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
@@ -26,6 +33,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -165,6 +165,21 @@ def test_ort_has_the_mobile_verdict_and_its_operator_list(exported):
         op.endswith(":Conv") or op.endswith(":FusedConv") for op in info["required_operators"])
 
 
+def test_ort_tools_leave_the_host_logging_alone(exported, tmp_path):
+    """onnxruntime.tools calls logging.basicConfig; edgekd is a library too and must not let it."""
+    import logging
+
+    from edgekd.export.ort_format import convert_to_ort, mobile_usability
+
+    onnx_file = exported.artifact("student", "onnx").path
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    convert_to_ort(onnx_file, tmp_path / "again.ort")
+    assert mobile_usability(onnx_file)["checked"]
+    assert root.handlers == handlers and root.level == level
+    assert (tmp_path / "again.ort").stat().st_size > 0
+
+
 def test_pte_is_delegated_to_xnnpack_and_takes_batches_past_15(exported, student, digits8):
     info = exported.artifact("student", "pte").info
     assert info["backend"] == "XnnpackBackend" and info["delegated_subgraphs"] >= 1

@@ -87,7 +87,7 @@ class DistillConfig(TrainConfig):
                                    description="loss terms, summed with their weights; without a kd term the "
                                                "hard-label cross-entropy is still included")
     teacher_cache: bool = Field(True, description="compute the teacher's outputs once and reuse them every epoch "
-                                                  "(the training data has no random augmentation)")
+                                                  "(turned off by augment: each step's view is new)")
     cache_max_mb: float = Field(1024.0, gt=0.0, description="skip the cache when it would need more memory")
 
     @model_validator(mode="after")

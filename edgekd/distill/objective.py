@@ -3,10 +3,11 @@
 It owns the teacher, the forward hooks on both models, the hint adaptors (trained with the
 student, checkpointed by the trainer, never exported) and the teacher-output cache.
 
-Teacher-output cache: the teacher is frozen and in eval mode, and the ``DataBundle`` training
-split has no random augmentation, so the teacher's logits (and hooked features) for a sample are
-the same every epoch. They are computed once, kept on the training device and looked up by
-sample index, which removes the teacher's forward pass from every training step.
+Teacher-output cache: the teacher is frozen and in eval mode, and without ``augment`` the
+training batches are the ``DataBundle``'s samples as they are, so the teacher's logits (and
+hooked features) for a sample are the same every epoch. They are computed once, kept on the
+training device and looked up by sample index, which removes the teacher's forward pass from
+every training step. With ``augment`` the trainer calls ``inputs_vary`` and the cache stays off.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class DistillObjective(Objective):
         self.adaptors = nn.ModuleDict()
         self.cache_info: dict[str, Any] = {"enabled": False, "reason": "not built yet"}
         self._cache: dict[str, Tensor] | None = None
+        self._cache_off_reason = "teacher_cache: false"
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
         self._teacher_device: torch.device | None = None
@@ -70,6 +72,11 @@ class DistillObjective(Objective):
                    cache=config.teacher_cache, cache_max_mb=config.cache_max_mb)
 
     # -- set-up -------------------------------------------------------------------------------
+    def inputs_vary(self) -> None:
+        if self.use_cache:
+            self.use_cache = False
+            self._cache_off_reason = "augment is on: the teacher sees each step's augmented view"
+
     def setup(self, model: nn.Module, data: DataBundle, device: torch.device) -> None:
         self._teacher_device = next(self.teacher.parameters()).device
         self._teacher_was_training = self.teacher.training
@@ -86,7 +93,7 @@ class DistillObjective(Objective):
         self.adaptors.to(device)
         self._cache = self._build_cache(data, device, t_feats) if self.use_cache else None
         if not self.use_cache:
-            self.cache_info = {"enabled": False, "reason": "teacher_cache: false"}
+            self.cache_info = {"enabled": False, "reason": self._cache_off_reason}
 
     def _probe(self, model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         was_training = model.training

@@ -25,6 +25,20 @@ from edgekd.errors import StageError
 from edgekd.export.prepare import one_line
 
 
+@contextlib.contextmanager
+def root_logging_untouched():
+    """Undo what onnxruntime.tools does to the root logger: its ``get_logger`` calls
+    ``logging.basicConfig``, which would add a stderr handler to the host application's logging
+    (every later warning from any library printed in ORT's format)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def required_operators(config_file: Path) -> list[str]:
     """``domain;opset;Op1,Op2`` lines of a required-operators config as ``domain:opset:Op`` entries."""
     ops: list[str] = []
@@ -39,11 +53,15 @@ def required_operators(config_file: Path) -> list[str]:
 
 def convert_to_ort(onnx_path: Path, ort_path: Path, *, target_platform: str = "arm") -> dict[str, Any]:
     """Convert ``onnx_path`` to ``ort_path`` with onnxruntime's converter; return facts about it."""
+    with root_logging_untouched():
+        return _convert(Path(onnx_path), Path(ort_path), target_platform)
+
+
+def _convert(onnx_path: Path, ort_path: Path, target_platform: str) -> dict[str, Any]:
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     # its config writer logs at INFO on a logger it sets to DEBUG; keep only its warnings
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
-    onnx_path, ort_path = Path(onnx_path), Path(ort_path)
     ort_path.parent.mkdir(parents=True, exist_ok=True)
     config_path = ort_path.with_suffix(".required_operators.config")
     # Convert in a private folder next to the target, then rename: a crash never leaves a
@@ -90,6 +108,11 @@ def mobile_usability(onnx_path: Path) -> dict[str, Any]:
     enough of the graph in few enough partitions to be worth trying). ``recommendation`` is
     ORT's own conclusion: ``cpu`` when no provider is worth trying.
     """
+    with root_logging_untouched():
+        return _mobile_usability(onnx_path)
+
+
+def _mobile_usability(onnx_path: Path) -> dict[str, Any]:
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
 

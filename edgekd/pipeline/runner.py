@@ -64,14 +64,16 @@ def planned_steps(recipe: Recipe) -> list[tuple[str, Stage | None]]:
 def _new_manifest(recipe: Recipe, steps: list[tuple[str, Stage | None]]) -> dict[str, Any]:
     from edgekd.bench.machine import machine_facts
 
+    machine = machine_facts()
+    versions = machine.pop("versions", None) or library_versions()  # kept once, at the top level
     return {
         "schema": MANIFEST_SCHEMA,
         "name": recipe.name,
         "recipe_hash": recipe_hash(recipe),
         "seed": recipe.seed,
         "created": now_iso(),
-        "versions": library_versions(),
-        "machine": machine_facts(),
+        "versions": versions,
+        "machine": machine,
         "stages": [{"index": i, "key": key, "status": "pending", "started": None, "duration_s": None,
                     "error": None, "outputs": {}} for i, (key, _) in enumerate(steps)],
         "artifacts": [],

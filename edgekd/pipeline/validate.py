@@ -19,6 +19,8 @@ from edgekd.pipeline.context import ValidationContext
 from edgekd.pipeline.stage import stage_for
 from edgekd.pipeline.teacher import teacher_spec
 from edgekd.recipe.load import RecipeDocument
+from edgekd.train.augment import augment_batch, augment_generator
+from edgekd.train.config import TrainConfig
 
 
 @dataclass
@@ -58,6 +60,9 @@ def validate_document(doc: RecipeDocument) -> ValidationSummary:
     if t_out.shape[-1] != s_out.shape[-1]:
         raise doc.error_at("student", f"the student predicts {s_out.shape[-1]} classes but the teacher "
                            f"{t_out.shape[-1]}", hint="give the student num_classes equal to the teacher's")
+    _check_augment(doc, "teacher.train", recipe.teacher.train, example)
+    for i, entry in enumerate(recipe.stages):
+        _check_augment(doc, f"stages.{i}.{entry.key}", entry.config, example)
     ctx = ValidationContext(recipe=recipe, teacher=teacher, student=student, example_batch=example,
                             num_classes=data.num_classes)
     names = []
@@ -76,6 +81,17 @@ def validate_document(doc: RecipeDocument) -> ValidationSummary:
         stage_for(recipe.benchmark).check(ctx)
     return ValidationSummary(dataset=recipe.data.dataset, train_samples=len(data.train), val_samples=len(data.val),
                              num_classes=data.num_classes, input_shape=data.input_shape, stages=names)
+
+
+def _check_augment(doc: RecipeDocument, key: str, config: object, example: torch.Tensor) -> None:
+    """A training block's ``augment`` must suit the data (hflip needs images): try it on one batch."""
+    augment = config.augment if isinstance(config, TrainConfig) else None
+    if augment is None or not augment.active:
+        return
+    try:
+        augment_batch(example, augment, augment_generator(0, 0, 0, example.device))
+    except EdgekdError as exc:
+        raise doc.error_at(f"{key}.augment", exc.message, exc.hint) from exc
 
 
 def _strip_location(exc: RecipeError) -> str:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgekd.recipe.base import StrictModel
+from edgekd.train.augment import AugmentConfig
 
 
 class TrainConfig(StrictModel):
@@ -32,4 +33,6 @@ class TrainConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="for the hard-label cross-entropy")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val accuracy; None = off")
+    augment: AugmentConfig | None = Field(
+        None, description="random shifts/flips of each training batch; None = the samples as they are")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")

@@ -42,6 +42,10 @@ class Objective(ABC):
     def setup(self, model: nn.Module, data: DataBundle, device: torch.device) -> None:  # noqa: B027
         """Called once before training with the (unwrapped) model already on ``device``."""
 
+    def inputs_vary(self) -> None:  # noqa: B027
+        """Called before ``setup`` when the trainer augments batches at random: a sample's input
+        differs from epoch to epoch, so nothing may be cached per sample index."""
+
     def extra_modules(self) -> nn.Module | None:
         """Trainable helpers optimised alongside the model (e.g. hint adaptors); None if none."""
         return None

@@ -35,6 +35,7 @@ from edgekd.data.bundle import DataBundle
 from edgekd.errors import StageError, TrainingDivergedError
 from edgekd.fileio import atomic_torch_save, atomic_write_text
 from edgekd.train import distributed as dist_utils
+from edgekd.train.augment import augment_batch, augment_generator
 from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import Batch, Objective
 from edgekd.train.schedule import build_optimizer, build_scheduler
@@ -238,6 +239,9 @@ def fit(
     if steps_per_epoch == 0:
         raise StageError(f"{label}: the training split ({len(train_x)} samples) is too small for {world} processes")
 
+    augmenting = config.augment is not None and config.augment.active
+    if augmenting:
+        objective.inputs_vary()  # before setup: a KD objective must not cache teacher outputs
     objective.setup(model, data, device)
     try:
         extra = objective.extra_modules()
@@ -322,9 +326,14 @@ def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scale
     lr_at_start = optimizer.param_groups[0]["lr"]
     started = time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    augment = config.augment if config.augment is not None and config.augment.active else None
+    generator = augment_generator(seed, epoch, dist_utils.rank(), device) if augment else None
     for step, index in enumerate(batches, start=1):
         # contiguous inputs: torch 2.13 CPU crashed in backward() on strided batches of pruned nets
-        batch = Batch(x=train_x[index].contiguous(), y=train_y[index], index=index)
+        x = train_x[index].contiguous()
+        if augment is not None:
+            x = augment_batch(x, augment, generator)
+        batch = Batch(x=x, y=train_y[index], index=index)
         with _autocast(device, config.mixed_precision):
             out = objective.compute(model, batch)
         loss = out.total.float()
