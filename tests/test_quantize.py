@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import RecipeError, RuntimeUnavailableError, StageError, TargetUnreachableError
-from edgekd.quantize.candidates import Candidate, Policy, choose
+from edgekd.quantize.candidates import Candidate, Policy, choose, fastest_then_most_accurate
 from edgekd.quantize.config import QuantizeConfig
 from edgekd.quantize.graph import NothingQuantizedError, op_histogram
 from edgekd.quantize.methods import run_method, standalone_job
@@ -117,6 +117,17 @@ def test_choose_ships_fastest_within_tolerance_and_breaks_ties_by_accuracy():
     policy = Policy(max_accuracy_drop=0.5, keep_if_faster=True, min_speedup=1.05)
     decision = choose(fp32, [slow_signed, fast, fast_tie_more_accurate, inaccurate_fastest], policy)
     assert decision.shipped is fast_tie_more_accurate and decision.within_tolerance
+
+
+def test_the_repair_starts_from_the_most_accurate_of_the_tied_fastest():
+    # bench_quant, quickstart student, entropy calibration: every INT8 candidate over 0.5 pt; repairing
+    # the 1.69x per-tensor file (-1.39 pt) instead of the 1.68x 7-bit one (-0.84 pt) failed within 8 nodes
+    fp32 = _cand("fp32", 98.61, 17.73, "fp32")
+    pertensor, seven_bit = _cand("u8-pertensor", 97.21, 10.45), _cand("u8-7bit", 97.77, 10.55)
+    signed, slower_accurate = _cand("s8", 98.33, 22.61), _cand("u8-slow", 98.61, 12.0)
+    policy = Policy(max_accuracy_drop=0.5, keep_if_faster=True, min_speedup=1.05)
+    assert fastest_then_most_accurate([pertensor, seven_bit, slower_accurate], fp32, policy) is seven_bit
+    assert fastest_then_most_accurate([pertensor, signed], fp32, policy) is pertensor
 
 
 def test_choose_keeps_fp32_when_no_int8_is_faster():

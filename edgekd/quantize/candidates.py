@@ -110,6 +110,14 @@ def _eligible(candidates: list[Candidate], fp32: Candidate, policy: Policy) -> l
     return [c for c in accurate if policy.fast(c, fp32)] if policy.keep_if_faster else accurate
 
 
+def fastest_then_most_accurate(pool: list[Candidate], fp32: Candidate, policy: Policy) -> Candidate:
+    """Timings a few percent apart are noise: among the candidates within ``tie_tolerance`` of the
+    fastest, the most accurate (then the fastest)."""
+    top = max(c.speedup_over(fp32) for c in pool)
+    ties = [c for c in pool if c.speedup_over(fp32) * (1 + policy.tie_tolerance) >= top]
+    return max(ties, key=lambda c: (c.accuracy, c.speedup_over(fp32)))
+
+
 def choose(fp32: Candidate, candidates: list[Candidate], policy: Policy) -> Decision:
     """Pick what ships from measured numbers only. Raises ``TargetUnreachableError`` only when asked to."""
     measured = [c for c in candidates if c.ok]
@@ -119,10 +127,7 @@ def choose(fp32: Candidate, candidates: list[Candidate], policy: Policy) -> Deci
     accurate = [c for c in measured if policy.accurate(c, fp32)]
     eligible = _eligible(measured, fp32, policy)
     if eligible:
-        top = max(c.speedup_over(fp32) for c in eligible)
-        # timings a few percent apart are noise: among those, the most accurate (then the fastest) ships
-        ties = [c for c in eligible if c.speedup_over(fp32) * (1 + policy.tie_tolerance) >= top]
-        best = max(ties, key=lambda c: (c.accuracy, c.speedup_over(fp32)))
+        best = fastest_then_most_accurate(eligible, fp32, policy)
         return Decision(best, f"{best.name} is the fastest INT8 candidate within the accuracy tolerance "
                               f"(ties within {policy.tie_tolerance:.0%} go to the most accurate): "
                               f"{_speed(best, fp32)}, {_drop(best, fp32)}", True)
@@ -300,11 +305,12 @@ def run_search(bench: Bench, policy: Policy, fp32: Candidate, builds: list[Candi
     if len(loaded) > 1:
         time_side_by_side(bench, loaded, everyone)
     if policy.max_accuracy_drop is not None and fallback is not None and not _eligible(candidates, fp32, policy):
-        # repair the candidate worth shipping: the fastest (of those that beat FP32, when speed matters)
+        # repair the candidate worth shipping: of the (tied) fastest, the most accurate, which needs
+        # the fewest float nodes (only those that beat FP32 count, when speed matters)
         timed = [c for c in candidates if c.ok]
         pool = [c for c in timed if policy.fast(c, fp32)] if policy.keep_if_faster else timed
         if pool:
-            target = max(pool, key=lambda c: c.speedup_over(fp32))
+            target = fastest_then_most_accurate(pool, fp32, policy)
             sensitivity = fallback(target)
             if sensitivity.best is not None and sensitivity.best.error is None:
                 candidates.append(sensitivity.best)
