@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
+from edgekd.distill.stage import training_notes
 from edgekd.errors import ConfigError, RecipeError
 from edgekd.pipeline.validate import validate_document
 from edgekd.recipe.load import load_recipe
@@ -76,10 +77,16 @@ def test_fit_with_augment_learns_and_distillation_turns_its_cache_off(digits8, t
     assert objective.cache_info == {"enabled": False,
                                     "reason": "augment is on: the teacher sees each step's augmented view"}
     assert result.best_val_accuracy > 60.0 and result.history[-1]["train_kd_soft"] > 0
+    # the report's ledger says how the student was trained
+    notes = training_notes(result, objective, TrainConfig(epochs=2, augment=AugmentConfig(shift=1, hflip=True)))
+    assert notes == {"epochs": 2, "best_epoch": result.best_epoch, "loss": "kd (T 4, alpha 0.9)",
+                     "teacher_cache": "off", "augment": "shift 1, hflip"}
     # without augment the same objective caches
     cached = DistillObjective(teacher, [KDTerm(kind="kd")], cache=True)
     fit(small_cnn(1), cached, digits8, TrainConfig(epochs=1), tmp_path / "cached", device=CPU)
     assert cached.cache_info["enabled"] is True
+    plain = training_notes(result, CrossEntropyObjective(), TrainConfig(epochs=2))
+    assert plain["loss"] == "cross-entropy" and "augment" not in plain and "teacher_cache" not in plain
 
 
 def test_validate_names_the_augment_key_when_the_data_cannot_take_it(tmp_path):

@@ -19,6 +19,7 @@ from edgekd.errors import RecipeError
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
 from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 from edgekd.train.trainer import FitResult, fit
 
@@ -59,7 +60,23 @@ def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.
                 raise RecipeError(f"hint: {exc}", key=f"distill.losses.{i}") from None
 
 
-def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective) -> None:
+def training_notes(result: FitResult, objective: Objective, config: TrainConfig) -> dict[str, Any]:
+    """The ledger row's notes: how the student was trained, in a few words a report reader needs."""
+    notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch}
+    if isinstance(objective, DistillObjective):
+        notes["loss"] = (f"{'+'.join(term.kind for term in objective.losses)} "
+                         f"(T {objective.temperature:g}, alpha {objective.alpha:g})")
+        notes["teacher_cache"] = "on" if objective.cache_info.get("enabled") else "off"
+    else:
+        notes["loss"] = "cross-entropy"
+    augment = config.augment
+    if augment is not None and augment.active:
+        notes["augment"] = ", ".join([f"shift {augment.shift}"] * (augment.shift > 0) + ["hflip"] * augment.hflip)
+    return notes
+
+
+def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective,
+                    config: TrainConfig) -> None:
     """The ledger row and the report data of a training stage."""
     example = ctx.data.example_batch(1).to(ctx.device)
     params, macs = count_params_macs(ctx.student, example)
@@ -72,6 +89,7 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
         "resumed_from_epoch": result.resumed_from_epoch,
         "mean_train_time_s": round(result.mean_train_time_s, 4),
         "objective": objective.describe(),
+        "augment": config.augment.model_dump() if config.augment is not None else None,
         "history": result.history,
     }
     if cache is not None and cache.get("enabled"):
@@ -81,7 +99,7 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
         data["teacher_cache"] = cache
     ctx.report_data[stage] = data
     ctx.ledger.append(LedgerRow(stage=stage, params=params, macs=macs, val_accuracy=result.best_val_accuracy,
-                                notes={"epochs": result.epochs_run, "best_epoch": result.best_epoch}))
+                                notes=training_notes(result, objective, config)))
     ctx.stage_outputs.extend(p for p in (result.checkpoint, result.checkpoint.parent / "metrics.csv") if p.is_file())
 
 
@@ -97,7 +115,7 @@ class DistillStage(Stage[DistillConfig]):
         objective = DistillObjective.from_config(ctx.teacher, self.config)
         result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
-        record_training(ctx, self.name, result, objective)
+        record_training(ctx, self.name, result, objective, self.config)
 
 
 @register_stage(FinetuneConfig)
@@ -109,4 +127,4 @@ class FinetuneStage(Stage[FinetuneConfig]):
         objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
         result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
-        record_training(ctx, self.name, result, objective)
+        record_training(ctx, self.name, result, objective, self.config)
