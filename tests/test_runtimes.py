@@ -193,3 +193,22 @@ def test_running_a_pte_does_not_import_the_executorch_compiler(artifacts, signal
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+    # ExecuTorch's thread-pool start-up chatter stays off the user's terminal
+    assert "cpuinfo_utils" not in proc.stderr and "Resetting threadpool" not in proc.stderr, proc.stderr
+
+
+def test_native_stderr_filter_drops_chatter_and_keeps_everything_else():
+    """fd-level capture: what a C++ library writes to fd 2 still reaches stderr unless it is chatter."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from edgekd.runtimes.native_log import filtered_native_stderr\n"
+            "with filtered_native_stderr():\n"
+            "    os.write(2, b'[threadpool.cpp:66] Resetting threadpool to 1 threads.\\n')\n"
+            "    os.write(2, b'[cpuinfo_utils.cpp:87] Failed to open midr file x\\n')\n"
+            "    os.write(2, b'E 00:00 XNNPACK delegate: a real failure\\n')\n"
+            "    print('python stderr line', file=sys.stderr)\n"
+            "os.write(2, b'after\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stderr.splitlines() == ["E 00:00 XNNPACK delegate: a real failure", "python stderr line", "after"]

@@ -25,6 +25,7 @@ import torch
 
 from edgekd.errors import RuntimeUnavailableError, StageError
 from edgekd.runtimes.base import LoadedModel, Runtime
+from edgekd.runtimes.native_log import filtered_native_stderr
 
 #: models loaded through this module that are still referenced; their delegates hold the pool
 _LIVE: weakref.WeakSet[ExecuTorchLoadedModel] = weakref.WeakSet()
@@ -48,7 +49,8 @@ def _bindings() -> Any:
 
 def threadpool_size() -> int:
     """Threads in ExecuTorch's process-wide pool (the one XNNPACK runs on)."""
-    return int(_bindings()._threadpool_get_thread_count())
+    with filtered_native_stderr():  # the first call creates the pool, which logs CPU probing
+        return int(_bindings()._threadpool_get_thread_count())
 
 
 def set_threadpool_size(threads: int) -> None:
@@ -62,7 +64,8 @@ def set_threadpool_size(threads: int) -> None:
             f"while {alive} ExecuTorch model(s) are loaded (the pool is process-wide and resizing it under a "
             "loaded model crashes)",
             hint="load all models for one thread count, run them, drop them, then load for the next count")
-    _bindings()._unsafe_reset_threadpool(threads)
+    with filtered_native_stderr():
+        _bindings()._unsafe_reset_threadpool(threads)
 
 
 class ExecuTorchLoadedModel(LoadedModel):
