@@ -69,9 +69,8 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
         notes["teacher_cache"] = "on" if objective.cache_info.get("enabled") else "off"
     else:
         notes["loss"] = "cross-entropy"
-    augment = config.augment
-    if augment is not None and augment.active:
-        notes["augment"] = ", ".join([f"shift {augment.shift}"] * (augment.shift > 0) + ["hflip"] * augment.hflip)
+    if config.active_augment is not None:
+        notes["augment"] = config.active_augment.summary()
     return notes
 
 

@@ -85,8 +85,8 @@ def validate_document(doc: RecipeDocument) -> ValidationSummary:
 
 def _check_augment(doc: RecipeDocument, key: str, config: object, example: torch.Tensor) -> None:
     """A training block's ``augment`` must suit the data (hflip needs images): try it on one batch."""
-    augment = config.augment if isinstance(config, TrainConfig) else None
-    if augment is None or not augment.active:
+    augment = config.active_augment if isinstance(config, TrainConfig) else None
+    if augment is None:
         return
     try:
         augment_batch(example, augment, augment_generator(0, 0, 0, example.device))

@@ -31,6 +31,10 @@ class AugmentConfig(StrictModel):
     def active(self) -> bool:
         return self.shift > 0 or self.hflip
 
+    def summary(self) -> str:
+        """In words for a report: "shift 3", "shift 2, hflip", "hflip"."""
+        return ", ".join([f"shift {self.shift}"] * (self.shift > 0) + ["hflip"] * self.hflip)
+
 
 def augment_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 101 + rank)

@@ -36,3 +36,8 @@ class TrainConfig(StrictModel):
     augment: AugmentConfig | None = Field(
         None, description="random shifts/flips of each training batch; None = the samples as they are")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
+
+    @property
+    def active_augment(self) -> AugmentConfig | None:
+        """The augmentation to apply, or None when there is none (no block, or one that does nothing)."""
+        return self.augment if self.augment is not None and self.augment.active else None

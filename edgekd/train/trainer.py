@@ -239,8 +239,7 @@ def fit(
     if steps_per_epoch == 0:
         raise StageError(f"{label}: the training split ({len(train_x)} samples) is too small for {world} processes")
 
-    augmenting = config.augment is not None and config.augment.active
-    if augmenting:
+    if config.active_augment is not None:
         objective.inputs_vary()  # before setup: a KD objective must not cache teacher outputs
     objective.setup(model, data, device)
     try:
@@ -326,8 +325,8 @@ def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scale
     lr_at_start = optimizer.param_groups[0]["lr"]
     started = time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    augment = config.augment if config.augment is not None and config.augment.active else None
-    generator = augment_generator(seed, epoch, dist_utils.rank(), device) if augment else None
+    augment = config.active_augment
+    generator = augment_generator(seed, epoch, dist_utils.rank(), device) if augment is not None else None
     for step, index in enumerate(batches, start=1):
         # contiguous inputs: torch 2.13 CPU crashed in backward() on strided batches of pruned nets
         x = train_x[index].contiguous()
