@@ -24,6 +24,10 @@ out_console = Console()
 _state = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+FactoryOpt = Annotated[
+    list[str] | None,
+    typer.Option("--factory", help="trust a checkpoint that names this user factory (package.module:function); "
+                 "edgekd never runs code a file names on its own", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe value: dotted.key=value",
                                                      show_default=False)]
 
@@ -84,6 +88,7 @@ def export(
     to: Annotated[str, typer.Option("--to", help="onnx, ort or pte")],
     out: Annotated[Path | None, typer.Option("--out", help="output file")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    factory: FactoryOpt = None,
 ) -> None:
     """Export a model checkpoint to ONNX, ORT Mobile (.ort) or ExecuTorch (.pte), verified for parity."""
     from edgekd.errors import ConfigError
@@ -91,7 +96,7 @@ def export(
 
     if to not in ("onnx", "ort", "pte"):
         raise ConfigError(f"--to {to!r} is not a known format", hint="valid choices: onnx, ort, pte")
-    written = export_model(model, to, out, opset=opset)
+    written = export_model(model, to, out, opset=opset, factories=factory or ())
     out_console.print(f"wrote {written}")
 
 
@@ -102,11 +107,13 @@ def benchmark(
     threads: Annotated[list[int] | None, typer.Option("--threads", help="thread counts")] = None,
     batch_sizes: Annotated[list[int] | None, typer.Option("--batch-size", help="batch sizes")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="folder for benchmark.json and reports")] = None,
+    factory: FactoryOpt = None,
 ) -> None:
     """Time a model (and optionally its teacher, interleaved) on its runtime."""
     from edgekd.bench.command import benchmark_files
 
-    benchmark_files(model, against, threads=threads, batch_sizes=batch_sizes, out=out, console=out_console)
+    benchmark_files(model, against, threads=threads, batch_sizes=batch_sizes, out=out, console=out_console,
+                    factories=factory or ())
 
 
 @app.command()

@@ -12,6 +12,7 @@ PyTorch for ``.pt`` and from the ONNX graph's convolutions and matrix products f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +123,26 @@ def _inputs(data: Path | None, shape: tuple[int, ...], reference: Path | None, r
 def benchmark_files(model: Path, against: Path | None = None, *, threads: list[int] | None = None,
                     batch_sizes: list[int] | None = None, warmup: int = 5, min_time_s: float = 1.0,
                     min_iters: int = 20, data: Path | None = None, memory: bool = True, peak: bool = True,
-                    out: Path | None = None, console: Console | None = None) -> BenchmarkResult:
+                    out: Path | None = None, console: Console | None = None,
+                    factories: Iterable[str] = ()) -> BenchmarkResult:
     """Benchmark ``model`` (as the student) against ``against`` (the teacher); returns the result.
 
     With ``out`` (a folder) it writes ``benchmark.json`` there plus ``report.json/md/html``.
     Raises ``ConfigError`` for an unknown file type or bad settings, ``StageError`` for a file
-    its runtime cannot load.
+    its runtime cannot load. ``factories``: user factories a ``.pt`` file may name (any other is
+    refused: a file never chooses code to run).
     """
+    from edgekd.models.portable import trusted_factories
+
+    with trusted_factories(factories):
+        return _benchmark_files(model, against, threads=threads, batch_sizes=batch_sizes, warmup=warmup,
+                                min_time_s=min_time_s, min_iters=min_iters, data=data, memory=memory, peak=peak,
+                                out=out, console=console)
+
+
+def _benchmark_files(model: Path, against: Path | None, *, threads: list[int] | None, batch_sizes: list[int] | None,
+                     warmup: int, min_time_s: float, min_iters: int, data: Path | None, memory: bool, peak: bool,
+                     out: Path | None, console: Console | None) -> BenchmarkResult:
     files = [("student", Path(model))] + ([("teacher", Path(against))] if against is not None else [])
     candidates = []
     shape = None

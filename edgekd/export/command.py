@@ -8,6 +8,7 @@ The facts (exporter, size, parity numbers) are written next to the artifact as `
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,14 @@ def _verify(model: torch.nn.Module, path: Path, fmt: str, inputs: torch.Tensor, 
 def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: int = 18,
                  dynamic_batch: bool = True, simplify: bool = True, pte_max_batch: int = 256,
                  ort_target_platform: str = "arm", verify_samples: int = 64, atol: float = 1e-3,
-                 min_top1_agreement: float = 0.99, inputs: torch.Tensor | None = None) -> Path:
+                 min_top1_agreement: float = 0.99, inputs: torch.Tensor | None = None,
+                 factories: Iterable[str] = ()) -> Path:
     """Export a portable ``.pt`` checkpoint to ``to`` ("onnx", "ort" or "pte"); return the file written.
 
     ``out`` defaults to the checkpoint's path with the format's suffix. ``--to ort`` also writes
     the ``.onnx`` it is converted from (next to ``out``). Raises ``ParityError`` when the file
-    disagrees with PyTorch beyond the tolerances.
+    disagrees with PyTorch beyond the tolerances. ``factories``: user factories the checkpoint may
+    name (any other raises ``ModelError``: a file never chooses code to run).
     """
     from edgekd.models.portable import load_portable
 
@@ -54,7 +57,7 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
     except ValueError as exc:
         raise ConfigError(f"bad export option: {exc}") from exc
     model_path = Path(model_path)
-    model, meta = load_portable(model_path)
+    model, meta = load_portable(model_path, factories=factories)
     input_shape = tuple(int(s) for s in meta["input_shape"])
     if inputs is None:
         generator = torch.Generator().manual_seed(0)

@@ -5,10 +5,18 @@ architecture's constructor and ``tp.state_dict`` pickles module classes. Instead
 model *spec* (built-in name or factory + kwargs), every module's shape attributes and the state
 dict — only tensors and plain containers — and rebuild: construct the original architecture,
 set the recorded attributes, resize parameters to the recorded shapes, load the weights.
+
+A checkpoint is data: it never chooses code to run. A built-in spec rebuilds edgekd's own
+architecture; a factory spec is called only when the caller trusts that factory by name (the
+running recipe names it, or the user passed ``--factory`` on the command line), and a module swap
+is taken only from edgekd's fixed list of swappable classes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,29 @@ from edgekd.models.checkpoint import read_checkpoint
 from edgekd.models.spec import ModelSpec
 
 FORMAT = "edgekd.portable/1"
+
+#: every module class a stage may swap into a model, by "module:qualname"; nothing else is imported
+SWAPPABLE_MODULES: dict[str, tuple[str, str]] = {
+    "edgekd.prune.attention:SplitHeadAttention": ("edgekd.prune.attention", "SplitHeadAttention"),
+}
+
+#: factories the current command trusts a checkpoint to name (set by ``trusted_factories``)
+_TRUSTED_FACTORIES: ContextVar[frozenset[str]] = ContextVar("edgekd_trusted_factories", default=frozenset())
+
+
+@contextmanager
+def trusted_factories(factories: Iterable[str | None]) -> Iterator[frozenset[str]]:
+    """Within the block, portable checkpoints whose spec names one of ``factories`` may be rebuilt.
+
+    The runner trusts the factories its recipe names; ``edgekd export/benchmark`` trust those given
+    with ``--factory``. Nested blocks add to the outer set.
+    """
+    names = _TRUSTED_FACTORIES.get() | {f for f in factories if f}
+    token = _TRUSTED_FACTORIES.set(names)
+    try:
+        yield names
+    finally:
+        _TRUSTED_FACTORIES.reset(token)
 
 # Attributes that pruning changes and forward() reads (conv/linear/norm/attention/embedding).
 SHAPE_ATTRIBUTES = (
@@ -50,13 +81,17 @@ def _swaps(model: nn.Module) -> dict[str, str]:
             if name and type(m).__module__.startswith("edgekd.") and hasattr(type(m), "from_module")}
 
 
-def _apply_swaps(model: nn.Module, swaps: dict[str, str]) -> None:
+def _apply_swaps(model: nn.Module, swaps: dict[str, str], source: Path) -> None:
     import importlib
 
+    if not isinstance(swaps, dict):
+        raise ModelError(f"{source}: portable checkpoint has a malformed 'swaps' entry")
     for name, qualified in swaps.items():
-        module_name, _, cls_name = qualified.partition(":")
-        if not module_name.startswith("edgekd."):
-            raise ModelError(f"portable checkpoint asks for module class {qualified!r}, outside edgekd")
+        if qualified not in SWAPPABLE_MODULES:
+            raise ModelError(f"{source} asks to swap module {name!r} for class {qualified!r}, which is not one "
+                             f"of edgekd's swappable modules ({', '.join(SWAPPABLE_MODULES)})",
+                             hint="edgekd never imports a class a checkpoint names; re-export the model with edgekd")
+        module_name, cls_name = SWAPPABLE_MODULES[qualified]
         cls = getattr(importlib.import_module(module_name), cls_name)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -107,16 +142,41 @@ def _resize_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 owner._buffers[attr] = torch.empty_like(tensor)
 
 
-def load_portable(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model; returns (model in eval mode, meta with spec/num_classes/input_shape/extra)."""
-    payload = read_checkpoint(Path(path))
+def check_factory_trusted(spec: ModelSpec, source: Path, trusted: Iterable[str] = ()) -> None:
+    """Refuse a spec whose factory the caller has not named (``ModelError``, exit 2).
+
+    ``trusted`` adds to the factories trusted by an enclosing ``trusted_factories`` block.
+    """
+    if spec.factory is None or spec.factory in _TRUSTED_FACTORIES.get() | set(trusted):
+        return
+    raise ModelError(
+        f"{source} asks to rebuild its model by calling factory {spec.factory!r}; edgekd does not run code "
+        "that a checkpoint file names",
+        hint=f"if you trust this file and that code, name the factory yourself: --factory {spec.factory} "
+             "(or use the recipe whose teacher or student names it)")
+
+
+def load_portable(path: Path, *, factories: Iterable[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model; returns (model in eval mode, meta with spec/num_classes/input_shape/extra).
+
+    ``factories``: user factories ("package.module:function") the caller trusts, beside those of an
+    enclosing ``trusted_factories`` block. A checkpoint naming any other factory raises
+    ``ModelError`` before anything is imported; so does one that is not an edgekd portable file.
+    """
+    path = Path(path)
+    payload = read_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path} is not an edgekd portable model (expected format {FORMAT})",
                          hint="plain state dicts load through a recipe's teacher.checkpoint instead")
-    spec = ModelSpec.model_validate(payload["spec"])
-    input_shape = tuple(payload["input_shape"])
-    model = spec.build(payload["num_classes"], input_shape)
-    _apply_swaps(model, payload.get("swaps", {}))
+    try:
+        spec = ModelSpec.model_validate(payload["spec"])
+        input_shape = tuple(int(s) for s in payload["input_shape"])
+        num_classes = int(payload["num_classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: portable checkpoint has a malformed model spec: {exc}".splitlines()[0]) from exc
+    check_factory_trusted(spec, path, factories)
+    model = spec.build(num_classes, input_shape)
+    _apply_swaps(model, payload.get("swaps", {}), path)
     _apply_structure(model, payload["structure"])
     _resize_tensors(model, payload["state_dict"])
     from edgekd.models.checkpoint import load_state_dict_checked

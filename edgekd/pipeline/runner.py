@@ -26,7 +26,7 @@ from edgekd.data import load_data
 from edgekd.errors import ConfigError, EdgekdError
 from edgekd.fileio import atomic_write_text, sha256_file
 from edgekd.models.evaluate import top1_accuracy
-from edgekd.models.portable import load_portable, save_portable
+from edgekd.models.portable import load_portable, save_portable, trusted_factories
 from edgekd.models.spec import ModelSpec
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import Artifact, LedgerRow, RunContext
@@ -112,7 +112,10 @@ class Runner:
         maybe_init_distributed(device)
         self.is_main = is_main_process()
         steps = planned_steps(self.recipe)
-        with self.run_dir.lock() if self.is_main else contextlib.nullcontext(self.run_dir):
+        # the run's own checkpoints may name only the factories this recipe names
+        named = (self.recipe.teacher.factory, self.recipe.student.factory)
+        with trusted_factories(named), \
+                (self.run_dir.lock() if self.is_main else contextlib.nullcontext(self.run_dir)):
             self.manifest = self._open_manifest(steps)
             if self.is_main:
                 resolved = self.recipe.model_dump(mode="json", by_alias=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.errors import EdgekdError, StageError
+from edgekd.errors import EdgekdError, ModelError, StageError
 from edgekd.models.adapter import logits_of
 from edgekd.runtimes.base import LoadedModel, Runtime
 
@@ -52,6 +52,8 @@ class TorchRuntime(Runtime):
         artifact = self._check_file(artifact, threads)
         try:
             model, _meta = load_portable(artifact)
+        except ModelError:
+            raise  # the file itself is bad or untrusted: bad input (exit 2), not a failed stage
         except EdgekdError as exc:
             raise StageError(f"torch cannot load {artifact}: {exc.message}", hint=exc.hint) from exc
         return TorchLoadedModel(model.cpu().eval(), threads)
