@@ -127,7 +127,12 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Typer turns Ctrl-C into ``Exit(130)``, which it *returns* (not raises) in this mode
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                err_console.print("interrupted: rerun with --resume to continue")
+            sys.exit(code)
     except EdgekdError as exc:
         if _state["debug"]:
             raise

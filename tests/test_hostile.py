@@ -80,3 +80,78 @@ def test_factory_checkpoint_loads_only_when_named(tmp_path):
         load_portable(tmp_path / "user.pt")
     with pytest.raises(ModelError):  # the trust ends with the block
         load_portable(tmp_path / "user.pt")
+
+
+# -- run directories: an atomic lock, no silent overwrite, Ctrl-C ---------------------------------
+def _race_worker(path: str, barrier, inside, overlaps, trials: int) -> None:
+    import time
+
+    from edgekd.errors import RunLockedError
+    from edgekd.pipeline.rundir import RunDir
+
+    for _ in range(trials):
+        barrier.wait()
+        try:
+            with RunDir(Path(path)).lock():
+                with inside.get_lock():
+                    inside.value += 1
+                    if inside.value > 1:
+                        overlaps.value += 1
+                time.sleep(0.0005)
+                with inside.get_lock():
+                    inside.value -= 1
+        except RunLockedError:
+            pass
+        barrier.wait()
+
+
+def test_lock_holds_under_a_race(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier, inside, overlaps = ctx.Barrier(2), ctx.Value("i", 0), ctx.Value("i", 0)
+    trials = 300
+    workers = [ctx.Process(target=_race_worker, args=(str(tmp_path / "run"), barrier, inside, overlaps, trials))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert overlaps.value == 0, f"both processes held the lock in {overlaps.value} of {trials} trials"
+
+
+def test_finished_run_directory_is_not_overwritten(tmp_path):
+    from edgekd.errors import ConfigError
+    from edgekd.pipeline.rundir import RunDir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "earlier"}')
+    with pytest.raises(ConfigError, match="holds a run already") as info:
+        RunDir.choose("quickstart", out, resume=False)
+    assert "--resume" in info.value.hint
+    assert RunDir.choose("quickstart", out, resume=True).path == out
+    assert (out / "manifest.json").read_text() == '{"name": "earlier"}'
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path):
+    import signal
+    import time
+
+    (tmp_path / "r.yaml").write_text(
+        "name: tiny\ndata: {dataset: digits, image_size: 8, batch_size: 64}\n"
+        "teacher: {model: mlp, train: {epochs: 500}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "compress", "r.yaml", "--out", "run"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    metrics = tmp_path / "run" / "teacher" / "training"
+    while time.monotonic() < deadline and not any(metrics.glob("*")):  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err
+    assert "Traceback" not in err

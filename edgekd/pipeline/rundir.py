@@ -32,16 +32,6 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class RunDir:
     path: Path
@@ -50,8 +40,12 @@ class RunDir:
     def choose(cls, name: str, out: Path | None, resume: bool, runs_root: Path = Path("runs")) -> RunDir:
         """``--out`` wins; otherwise a new timestamped folder, or with ``--resume`` the newest one."""
         if out is not None:
+            out = Path(out)
             if resume and not (out / "manifest.json").is_file():
                 raise ConfigError(f"--resume: {out} holds no manifest.json, so there is no run to resume")
+            if not resume and (out / "manifest.json").is_file():
+                raise ConfigError(f"--out {out} holds a run already (manifest.json); its files would be replaced",
+                                  hint="pass --resume to continue that run, or choose a new --out")
             return cls(out)
         parent = runs_root / name
         if resume:
@@ -91,26 +85,39 @@ class RunDir:
 
     @contextmanager
     def lock(self):
-        """Refuse a second process in the same run directory; take over a lock whose owner died."""
+        """Hold the run directory for this process; a second process gets ``RunLockedError``.
+
+        The lock is an OS advisory lock (``fcntl.flock``) on ``run.lock``: taking it is atomic, and
+        the kernel releases it when the process dies, so a killed run leaves no lock that needs
+        guessing about (the pid written inside is only for the message). After locking we check
+        that ``run.lock`` is still the file we locked: a process that opened it just before the
+        holder removed it would otherwise hold a lock on a deleted file while a third one locks a
+        new file.
+        """
+        import fcntl
+
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / "run.lock"
-        for _ in range(2):
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(lock.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _pid_alive(pid):
-                    raise RunLockedError(f"run directory {self.path} is in use by process {pid}",
-                                         hint="wait for it to finish, or use another --out") from None
-                lock.unlink(missing_ok=True)  # stale lock from a killed run
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            break
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunLockedError(f"run directory {self.path} is in use by process {holder}",
+                                     hint="wait for it to finish, or use another --out") from None
+            try:
+                same_file = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)  # the holder removed it between our open and our lock: try again
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
             yield self
         finally:
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # while still holding the lock (see the docstring)
+            os.close(fd)
