@@ -1,8 +1,9 @@
 """``edgekd validate``: everything that can be checked without training.
 
 Beyond the schema: the data loads, the models build with the data's shape, a teacher
-checkpoint fits, the student and teacher agree on classes, and each stage's own ``check``
-(layer names, shapes) passes on one real batch.
+checkpoint fits, the student and teacher agree on classes, both keep the batch axis at
+batches of 1, 2 and 3, and each stage's own ``check`` (layer names, shapes) passes on one
+real batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
 from edgekd.data import load_data
 from edgekd.errors import EdgekdError, RecipeError
+from edgekd.models.adapter import check_batch_axis
 from edgekd.models.checkpoint import load_checkpoint
 from edgekd.pipeline.context import ValidationContext
 from edgekd.pipeline.stage import stage_for
@@ -60,6 +62,15 @@ def validate_document(doc: RecipeDocument) -> ValidationSummary:
     if t_out.shape[-1] != s_out.shape[-1]:
         raise doc.error_at("student", f"the student predicts {s_out.shape[-1]} classes but the teacher "
                            f"{t_out.shape[-1]}", hint="give the student num_classes equal to the teacher's")
+    # every batch size must give (N, classes): a phone runs batch 1, and a model that drops the batch
+    # axis there (a bare .squeeze()) exports to files that fail or disagree at batch 1
+    for role, model in (("teacher", teacher), ("student", student)):
+        if role == "student" and student is teacher:
+            continue
+        try:
+            check_batch_axis(model, example)
+        except EdgekdError as exc:
+            raise _at(doc, role, exc) from exc
     _check_augment(doc, "teacher.train", recipe.teacher.train, example)
     for i, entry in enumerate(recipe.stages):
         _check_augment(doc, f"stages.{i}.{entry.key}", entry.config, example)
