@@ -155,3 +155,65 @@ def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path):
     assert proc.returncode == 130, err
     assert "rerun with --resume" in err
     assert "Traceback" not in err
+
+
+# -- the recipe file is untrusted input -------------------------------------------------------------
+QUICKSTART = (REPO / "recipes" / "quickstart.yaml").read_bytes()
+_BOMB = b"name: bomb\ndata: {dataset: digits}\nteacher:\n  model: mlp\n  train: {epochs: 1}\n  kwargs:\n" + \
+    b"    a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        f"    a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 9)}]\n".encode() for i in range(1, 10))
+
+HOSTILE_RECIPES = {
+    # name: (bytes, expected message fragment, expected line)
+    "alias bomb": (_BOMB, "expands to more than", 12),
+    "random bytes": (bytes(range(128, 256)) * 4, "is not UTF-8 text", 1),
+    "utf-16": ("name: x\n".encode("utf-16"), "UTF-16", 1),
+    "latin-1 comment": (QUICKSTART.replace(b"# edgekd quickstart", b"# edgekd quickstart \xe9t\xe9", 1),
+                        "byte 0xe9 at offset", 1),
+    "invalid byte in value": (QUICKSTART.replace(b"name: quickstart", b"name: quick\xffstart"), "byte 0xff", 4),
+    "nul in value": (QUICKSTART.replace(b"name: quickstart", b"name: quick\x00start"), "cannot appear", 4),
+    "control char": (QUICKSTART.replace(b"name: quickstart", b"name: quick\x07start"), "cannot appear", 4),
+    "sequence key": (b"? [a, b]\n: 1\nname: x\n", "a key must be a plain name, not a list", 1),
+    "mapping key": (b"name: x\n{a: 1}: 2\n", "a key must be a plain name, not a mapping", 2),
+    "deep nesting": (b"name: x\nteacher:\n  kwargs:\n    deep: " + b"[" * 3000 + b"]" * 3000 + b"\n",
+                     "nested", None),
+    "empty": (b"", "the recipe is empty", 1),
+    "only comments": (b"# a comment\n\n   \n# another\n", "the recipe is empty", 1),
+    "yaml 1.1 sexagesimal": (QUICKSTART.replace(b"epochs: 4  #", b"epochs: 1:30  #"), "integer", 15),
+    "yaml 1.1 yes": (QUICKSTART.replace(b"max_accuracy_drop: 1.0", b"max_accuracy_drop: yes"), "number", 37),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RECIPES))
+def test_hostile_recipe_is_a_recipe_error_with_a_line(tmp_path, case):
+    import time
+
+    from edgekd.errors import RecipeError
+    from edgekd.recipe.load import load_recipe
+
+    raw, fragment, line = HOSTILE_RECIPES[case]
+    path = tmp_path / "r.yaml"
+    path.write_bytes(raw)
+    started = time.monotonic()
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert time.monotonic() - started < 5
+    assert fragment in info.value.message
+    assert info.value.file == str(path)
+    if line is not None:
+        assert info.value.line == line
+    assert list(tmp_path.iterdir()) == [path]  # nothing written
+
+
+def test_hostile_recipe_from_the_command_line(tmp_path):
+    (tmp_path / "bomb.yaml").write_bytes(_BOMB)
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "validate", "bomb.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert "bomb.yaml:12" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "validate", str(REPO / "recipes" / "quickstart.yaml"),
+                           "--set", "name=[unclosed"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert "--set 'name=[unclosed': the value is not valid YAML" in proc.stderr
+    assert "^" not in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from edgekd.errors import RecipeError
 from edgekd.recipe.overrides import apply_override, parse_override
 from edgekd.recipe.schema import Recipe
-from edgekd.recipe.yaml_lines import load_yaml_with_lines
+from edgekd.recipe.yaml_lines import decode_recipe, load_yaml_with_lines
 
 PathT = tuple[str | int, ...]
 
@@ -156,7 +156,8 @@ class RecipeDocument:
 def parse_recipe(text: str, file: str, overrides: list[str] | None = None) -> RecipeDocument:
     data, lines = load_yaml_with_lines(text, file)
     if data is None:
-        data = {}
+        raise RecipeError("the recipe is empty (no sections, only blank lines or comments)", file=file, line=1,
+                          hint="a recipe needs at least name, data and teacher: start from recipes/quickstart.yaml")
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping of sections (name, data, teacher, stages, ...)", file=file, line=1)
     overridden: set[PathT] = set()
@@ -183,7 +184,11 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> RecipeD
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist", file=str(path))
-    doc = parse_recipe(path.read_text(encoding="utf-8"), str(path), overrides)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc.strerror}", file=str(path)) from exc
+    doc = parse_recipe(decode_recipe(raw, str(path)), str(path), overrides)
     doc.recipe = _resolve_relative_paths(doc.recipe, path.parent)
     return doc
 

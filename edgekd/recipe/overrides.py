@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from edgekd.errors import ConfigError
+from edgekd.recipe.yaml_lines import load_scalar_yaml
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:
@@ -15,9 +16,11 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         raise ConfigError(f"override {text!r} is not of the form dotted.key=value",
                           hint="for example --set teacher.train.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_scalar_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})",
+                          hint="quote a value with special characters: --set 'name=\"my: run\"'") from exc
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
     return path, value
 
