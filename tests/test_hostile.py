@@ -217,3 +217,31 @@ def test_hostile_recipe_from_the_command_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--set 'name=[unclosed': the value is not valid YAML" in proc.stderr
     assert "^" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("seed=4294967296", "less than or equal to 4294967295"),
+    ("name=" + "n" * 300, "at most 100 characters"),
+    ("benchmark.batch_sizes=[1e9]", "batch_sizes must be at most 4096"),
+    ("benchmark.threads=[1e30]", "exceeded maximum size"),
+    ("teacher.kwargs.num_classes=10", "remove 'num_classes' from kwargs"),
+])
+def test_values_that_would_fail_late_are_refused_at_their_key(override, fragment):
+    from edgekd.errors import RecipeError
+    from edgekd.recipe.load import load_recipe
+
+    with pytest.raises(RecipeError) as info:
+        load_recipe(REPO / "recipes" / "quickstart.yaml", [override])
+    assert fragment in info.value.message
+    assert info.value.line is not None
+    assert info.value.key.startswith(override.split("=")[0].removesuffix(".num_classes"))
+
+
+def test_damaged_manifest_on_resume_names_the_file(tmp_path):
+    from edgekd.errors import ConfigError
+    from edgekd.pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"schema": "edgekd.manifest/1", "stag')  # cut by a crash
+    with pytest.raises(ConfigError, match=r"manifest.json is damaged and cannot be resumed"):
+        run.read_manifest()

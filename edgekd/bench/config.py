@@ -26,6 +26,10 @@ def _unique(value: list, what: str) -> list:
     return value
 
 
+#: largest thread count and batch size a benchmark accepts (edge runtimes use far less)
+_LIMITS = {"threads": 256, "batch_sizes": 4096}
+
+
 class BenchmarkConfig(StrictModel):
     """Teacher against student on each runtime: latency, throughput, accuracy, size, memory."""
 
@@ -54,6 +58,9 @@ class BenchmarkConfig(StrictModel):
     def _positive_unique(cls, value: list[int], info) -> list[int]:
         if any(v < 1 for v in value):
             raise ValueError(f"{info.field_name} must be at least 1")
+        limit = _LIMITS[info.field_name]
+        if any(v > limit for v in value):  # 1e9 samples would allocate hundreds of GiB at the end of a run
+            raise ValueError(f"{info.field_name} must be at most {limit} (got {max(value):g})")
         return sorted(_unique(value, info.field_name))
 
     @field_validator("runtimes")

@@ -74,7 +74,15 @@ class RunDir:
     def read_manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{self.manifest_path} is damaged and cannot be resumed: {exc}",
+                              hint="start a new run (without --resume, or with another --out)") from exc
+        if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA or "stages" not in manifest:
+            raise ConfigError(f"{self.manifest_path} is not an edgekd manifest ({MANIFEST_SCHEMA})",
+                              hint="start a new run (without --resume, or with another --out)")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_json(self.manifest_path, manifest)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekd.bench.config import BenchmarkConfig, GateConfig
 from edgekd.data.config import DataConfig
@@ -18,6 +18,17 @@ from edgekd.models.spec import ModelSpec
 from edgekd.recipe.base import StrictModel
 from edgekd.recipe.stages import StageEntry
 from edgekd.train.config import TrainConfig
+
+#: what the data decides, never a model keyword argument
+_FROM_DATA = ("num_classes", "input_shape")
+
+
+def _refuse_data_kwargs(kwargs: dict) -> dict:
+    given = [k for k in _FROM_DATA if k in kwargs]
+    if given:
+        raise ValueError(f"edgekd passes {' and '.join(_FROM_DATA)} from the data to every builder; remove "
+                         f"{given[0]!r} from kwargs (the data's own classes and sample shape are used)")
+    return kwargs
 
 
 class TeacherConfig(ModelSpec):
@@ -33,6 +44,8 @@ class TeacherConfig(ModelSpec):
         if self.checkpoint is not None and self.train is not None:
             raise ValueError("give either 'checkpoint' or 'train', not both")
         return self
+
+    _kwargs_from_data = field_validator("kwargs")(classmethod(lambda cls, v: _refuse_data_kwargs(v)))
 
 
 class StudentConfig(StrictModel):
@@ -51,6 +64,8 @@ class StudentConfig(StrictModel):
             raise ValueError("give either 'from: teacher' or a 'model'/'factory' for the student")
         return self
 
+    _kwargs_from_data = field_validator("kwargs")(classmethod(lambda cls, v: _refuse_data_kwargs(v)))
+
     def spec(self) -> ModelSpec | None:
         """The student's own architecture, or None when it is a copy of the teacher."""
         if self.from_ is not None:
@@ -59,8 +74,9 @@ class StudentConfig(StrictModel):
 
 
 class Recipe(StrictModel):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (a folder name)")
-    seed: int = Field(0, ge=0)
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="run name (a folder name, at most 100 characters)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random generator (numpy takes 32 bits)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     data: DataConfig
     teacher: TeacherConfig
