@@ -382,7 +382,8 @@ def test_portable_round_trip_in_a_fresh_process(digits16, signals, tmp_path):
         from edgekd.models.portable import load_portable
         torch.set_num_threads(1)  # as in this process: conv reductions then add up in the same order
         for i in range({len(cases)}):
-            model, meta = load_portable(Path(sys.argv[1]) / f"{{i}}.pt")
+            # the caller names the factories it trusts (a checkpoint never chooses code to run)
+            model, meta = load_portable(Path(sys.argv[1]) / f"{{i}}.pt", factories=["tests.factories:hf_net"])
             io = torch.load(Path(sys.argv[1]) / f"{{i}}.io.pt", weights_only=True)
             with torch.no_grad():
                 out = model(io["x"])

@@ -9,7 +9,9 @@ set the recorded attributes, resize parameters to the recorded shapes, load the 
 A checkpoint is data: it never chooses code to run. A built-in spec rebuilds edgekd's own
 architecture; a factory spec is called only when the caller trusts that factory by name (the
 running recipe names it, or the user passed ``--factory`` on the command line), and a module swap
-is taken only from edgekd's fixed list of swappable classes.
+is taken only from edgekd's fixed list of swappable classes, and a transform (weight-norm folding)
+only from edgekd's fixed list of transforms (``edgekd.models.fold.TRANSFORMS``), replayed on the
+built architecture before its weights are loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from edgekd.errors import ModelError
 from edgekd.fileio import atomic_torch_save
 from edgekd.models.checkpoint import read_checkpoint
+from edgekd.models.fold import TRANSFORMS, applied_transforms
 from edgekd.models.spec import ModelSpec
 
 FORMAT = "edgekd.portable/1"
@@ -58,6 +61,8 @@ SHAPE_ATTRIBUTES = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
     "normalized_shape", "num_groups", "num_channels", "embed_dim", "num_heads", "head_dim",
     "kdim", "vdim", "_qkv_same_embed_dim", "num_parameters", "num_embeddings", "embedding_dim",
+    # Hugging Face attention (ViTSelfAttention and kin) after whole heads are pruned
+    "num_attention_heads", "attention_head_size", "all_head_size",
 )
 
 
@@ -102,6 +107,18 @@ def _apply_swaps(model: nn.Module, swaps: dict[str, str], source: Path) -> None:
             setattr(parent, attr, cls.from_module(original))
 
 
+def _apply_transforms(model: nn.Module, transforms: object, source: Path) -> None:
+    """Replay the recorded transforms (e.g. weight-norm folding) on a freshly built model."""
+    if not isinstance(transforms, list) or not all(isinstance(t, str) for t in transforms):
+        raise ModelError(f"{source}: portable checkpoint has a malformed 'transforms' entry")
+    for name in transforms:
+        if name not in TRANSFORMS:
+            raise ModelError(f"{source} asks for transform {name!r}, which is not one of edgekd's transforms "
+                             f"({', '.join(TRANSFORMS)})",
+                             hint="edgekd never runs code a checkpoint names; re-export the model with edgekd")
+        TRANSFORMS[name](model)
+
+
 def save_portable(model: nn.Module, path: Path, *, spec: ModelSpec, num_classes: int,
                   input_shape: tuple[int, ...], extra: dict[str, Any] | None = None) -> None:
     payload = {
@@ -109,6 +126,7 @@ def save_portable(model: nn.Module, path: Path, *, spec: ModelSpec, num_classes:
         "spec": spec.model_dump(mode="json"),
         "num_classes": int(num_classes),
         "input_shape": [int(s) for s in input_shape],
+        "transforms": applied_transforms(model),
         "swaps": _swaps(model),
         "structure": _structure(model),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -176,6 +194,7 @@ def load_portable(path: Path, *, factories: Iterable[str] = ()) -> tuple[nn.Modu
         raise ModelError(f"{path}: portable checkpoint has a malformed model spec: {exc}".splitlines()[0]) from exc
     check_factory_trusted(spec, path, factories)
     model = spec.build(num_classes, input_shape)
+    _apply_transforms(model, payload.get("transforms", []), path)
     _apply_swaps(model, payload.get("swaps", {}), path)
     _apply_structure(model, payload["structure"])
     _resize_tensors(model, payload["state_dict"])

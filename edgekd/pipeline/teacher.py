@@ -13,6 +13,7 @@ from torch import nn
 
 from edgekd.data.bundle import DataBundle
 from edgekd.models.checkpoint import load_checkpoint
+from edgekd.models.fold import fold_weight_norm
 from edgekd.models.portable import load_portable, save_portable
 from edgekd.models.spec import ModelSpec
 from edgekd.recipe.schema import Recipe
@@ -46,6 +47,11 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
         info = {"source": "trained by the recipe", "epochs": result.epochs_run,
                 "best_val_accuracy": result.best_val_accuracy}
     model = model.cpu().eval()
+    # weight norm only reparametrises training: folded once here, the student copy, pruning and
+    # export all see plain layers (and the saved teacher records the fold for its rebuild)
+    folded = fold_weight_norm(model)
+    if folded:
+        info["weight_norm_folded"] = folded
     save_portable(model, saved, spec=teacher_spec(recipe), num_classes=data.num_classes,
                   input_shape=data.input_shape, extra={"role": "teacher"})
     return model, info

@@ -29,7 +29,17 @@ from edgekd.errors import ModelError
 from edgekd.models.adapter import LogitsAdapter
 from edgekd.prune.attention import SplitHeadAttention, split_attention_heads
 from edgekd.prune.config import PruneConfig
+from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
+from edgekd.prune.safety import (
+    GroupFailure,
+    Probe,
+    describe_failure,
+    module_names,
+    out_layers,
+    train_mode_forward,
+    train_outputs_differ,
+)
 
 WIDTH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -135,11 +145,52 @@ def _round_keep(keep: float, current: int, multiple: int) -> int:
 
 
 class EdgePruner(tp.pruner.BasePruner):
-    """torch-pruning's pruner with nearest-multiple rounding (see the module docstring)."""
+    """torch-pruning's pruner with nearest-multiple rounding (see the module docstring), rounding
+    per channel group (grouped convs, GroupNorm, heads), and groups it cannot score kept whole.
+
+    torch-pruning rounds the count pruned *per channel group* against the layer's *whole* width
+    (a groups=4 conv of 32 channels losing 4 of each group's 8 was rounded back to 0 pruned with
+    round_to 8). Here the per-group count is rounded to lcm(groups, round_to) / groups channels
+    per group, so a layer keeps a multiple of both where its width allows.
+    """
+
+    _rounding_group = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.failures: list[GroupFailure] = []
+        self.last_root: nn.Module | None = None
+        super().__init__(*args, **kwargs)
+
+    def _is_atten_group(self, group):
+        # called for each group right before its count is rounded (torch-pruning 1.6.1 _prune)
+        self._rounding_group = group
+        return super()._is_atten_group(group)
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        keep = _round_keep(current_channels - n_pruned, current_channels, round_to)
-        return current_channels - keep
+        groups = self._get_channel_groups(self._rounding_group) if self._rounding_group is not None else 1
+        per_group = current_channels // max(1, groups)
+        multiple = max(1, math.lcm(groups, round_to) // groups)
+        keep = _round_keep(per_group - n_pruned, per_group, multiple)
+        return per_group - keep
+
+    def estimate_importance(self, group):
+        """Score a group; a group torch-pruning cannot map (an IndexError from a split with stored
+        sizes, a channel shuffle) is recorded and kept whole (``None`` skips it)."""
+        try:
+            return self.importance(group)
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping failing on user code
+            self.failures.append(describe_failure(group, self.model, self.DG, "scoring", exc,
+                                                  root=group[0].dep.target.module))
+            return None
+
+
+class GroupBroke(Exception):
+    """Pruning one group broke the model (raised inside ``PruningPlan.step``; the caller restores
+    the model and prunes again with the group's root layer kept whole)."""
+
+    def __init__(self, failure: GroupFailure) -> None:
+        super().__init__(failure.reason())
+        self.failure = failure
 
 
 def _mha_head_multiple(model: nn.Module) -> int:
@@ -161,19 +212,32 @@ def _head_keep(initial: int, ratio: float, max_ratio: float) -> int:
 class PruningPlan:
     """A built pruner and what it was built with; ``step()`` cuts one iterative step.
 
-    Attention heads are cut by this class, not by torch-pruning's head code: there a head
-    count is recomputed from the *current* heads each step (4 heads at 25/50/75% end with 0)
-    and global ranking can empty one layer. Here every layer keeps the nearest count to its
-    *initial* heads times (1 - ratio), and at least one head; the ``qkv`` projections are
-    ignored by the channel pruner so head dimensions stay whole.
+    Attention heads of edgekd's ``SplitHeadAttention`` are cut by this class, not by
+    torch-pruning's head code: there a head count is recomputed from the *current* heads each
+    step (4 heads at 25/50/75% end with 0) and global ranking can empty one layer. Here every
+    layer keeps the nearest count to its *initial* heads times (1 - ratio), and at least one head;
+    the ``qkv`` projections are ignored by the channel pruner so head dimensions stay whole.
+    Attention modules that keep their head layout in attributes (``HeadLayout``: Hugging Face,
+    timm) get the same per-step head count through torch-pruning's ``num_heads`` and
+    ``head_pruning_ratio_dict``, and their attributes are updated after each group.
+
+    After each group is cut the model must still run with the same output shapes (``probe``);
+    otherwise ``GroupBroke`` names the group (see ``edgekd.prune.targets.prune_at_ratio``).
     """
 
     model: nn.Module
     pruner: EdgePruner
     config: PruneConfig
     ignored: list[str]
+    probe: Probe
     swapped_attention: list[str] = field(default_factory=list)
     initial_heads: dict[SplitHeadAttention, int] = field(default_factory=dict)
+    head_layouts: list[HeadLayout] = field(default_factory=list)
+    layout_heads: dict[HeadLayout, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # layer -> why it is kept whole or cut less
+    failures: list[GroupFailure] = field(default_factory=list)  # groups kept whole (filled by the caller too)
+    train_path: bool = False  # traced through the training-mode forward (train-only outputs)
+    fused_heads: dict[HeadLayout, int] = field(default_factory=dict)  # fused layouts -> initial heads
 
     @property
     def steps_left(self) -> int:
@@ -186,12 +250,74 @@ class PruningPlan:
             ratio = self.pruner.per_step_pruning_ratio[self.pruner.current_step + 1]
             for attention, initial in self.initial_heads.items():
                 self._prune_heads(attention, _head_keep(initial, ratio, self.config.max_layer_ratio))
-            for group in self.pruner.step(interactive=True):
+            for layout, initial in self.fused_heads.items():
+                self._drop_fused_heads(layout, _head_keep(initial, ratio, self.config.max_layer_ratio))
+            self._set_head_ratios(ratio)
+            groups = self.pruner.step(interactive=True)
+            while True:
+                try:
+                    group = next(groups, None)
+                except GroupBroke:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - torch-pruning failed building a group
+                    root = self.pruner.last_root
+                    raise GroupBroke(describe_failure(None, self.model, self.pruner.DG, "grouping", exc,
+                                                      root=root)) from exc
+                if group is None:
+                    break
                 group = self._cap_group(group) if self.pruner.global_pruning else group
-                if group is not None:
-                    group.prune()
+                if group is None:
+                    continue
+                self._prune_checked(group)
         finally:
             self.model.train(was_training)
+
+    def _prune_checked(self, group, after=None) -> None:
+        """Cut one group, update head attributes (``after``: more of them), and check the model still runs."""
+        try:
+            group.prune()
+            if after is not None:
+                after()
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's own pruning functions on user layers
+            raise GroupBroke(describe_failure(group, self.model, self.pruner.DG, "pruning", exc,
+                                              root=group[0].dep.target.module)) from exc
+        self._update_head_attributes()
+        why = self.probe.failure(self.model)
+        if why is not None:
+            raise GroupBroke(describe_failure(group, self.model, self.pruner.DG, "pruning", why,
+                                              root=group[0].dep.target.module))
+
+    def _drop_fused_heads(self, layout: HeadLayout, keep: int) -> None:
+        if not layout.drop_heads(keep):
+            return
+        why = self.probe.failure(self.model)
+        if why is not None:
+            names = module_names(self.model)
+            qkv = names.get(layout.projections[0], layout.name)
+            raise GroupBroke(GroupFailure(root=qkv, layers=[qkv], operation="head pruning",
+                                          ops=f"the heads of {layout.name}", cause=why))
+
+    def _set_head_ratios(self, ratio: float) -> None:
+        """Per-layer head ratios that take each ``HeadLayout`` from its current heads to the nearest
+        count to its initial heads times (1 - ratio) (torch-pruning removes ceil(r * current))."""
+        total_now = total_keep = 0
+        for layout, initial in self.layout_heads.items():
+            current = self.pruner.num_heads.get(layout.projections[0], layout.heads)
+            keep = min(current, _head_keep(initial, ratio, self.config.max_layer_ratio))
+            r = (current - keep - 0.5) / current if current > keep else 0.0
+            for proj in layout.projections:
+                self.pruner.head_pruning_ratio_dict[proj] = [r] * (self.pruner.iterative_steps + 1)
+            total_now, total_keep = total_now + current, total_keep + keep
+        if self.layout_heads and self.pruner.initial_total_heads:
+            # global ranking: removes len(all heads) - int(initial_total * (1 - r)) heads
+            r = 1 - (total_keep + 0.5) / self.pruner.initial_total_heads
+            self.pruner.per_step_head_pruning_ratio = [max(0.0, r)] * (self.pruner.iterative_steps + 1)
+
+    def _update_head_attributes(self) -> None:
+        for layout in self.head_layouts:
+            heads = self.pruner.num_heads.get(layout.projections[0])
+            if heads is not None and heads >= 1 and (heads != layout.heads or layout.inner_width() % heads == 0):
+                layout.update(heads)
 
     def _prune_heads(self, attention: SplitHeadAttention, keep: int) -> None:
         """Remove the least important heads of ``attention`` until ``keep`` remain."""
@@ -207,8 +333,8 @@ class PruningPlan:
         per_head = scores.view(attention.num_heads, width).mean(1)
         heads = torch.argsort(per_head)[:drop].tolist()
         idxs = [h * width + d for h in sorted(heads) for d in range(width)]
-        dg.get_pruning_group(attention.proj, tp.prune_linear_in_channels, idxs).prune()
-        attention.num_heads = keep
+        self._prune_checked(dg.get_pruning_group(attention.proj, tp.prune_linear_in_channels, idxs),
+                            after=lambda: setattr(attention, "num_heads", keep))
 
     def _cap_group(self, group):
         """Trim a group so its root layer keeps at least (1 - max_layer_ratio) of its channels."""
@@ -248,47 +374,184 @@ def _resolve_all(model: nn.Module, names: list[str], what: str) -> list[nn.Modul
 
 def build_plan(model: nn.Module, example: torch.Tensor, config: PruneConfig, *, ratio: float, steps: int,
                layer_ratios: dict[str, float] | None = None,
-               importance: tp.importance.Importance | None = None) -> PruningPlan:
+               importance: tp.importance.Importance | None = None,
+               kept_whole: Iterable[GroupFailure] = ()) -> PruningPlan:
     """Build the torch-pruning pruner for ``model`` (changed in place by ``PruningPlan.step``).
 
     ``ratio`` is the channel ratio reached after ``steps`` steps; ``layer_ratios`` gives some
     layers (by name) another one. With ``config.prune_heads`` self-attention modules are first
-    swapped for head-prunable ones.
+    swapped for head-prunable ones. ``kept_whole``: groups that failed before, kept whole by
+    ignoring their root layer. Raises ``ModelError`` when torch-pruning cannot trace the model.
     """
-    example = example[:1].contiguous()
+    kept_whole = list(kept_whole)
+    example = example.contiguous()
+    one = example[:1]
     was_training = model.training
     model.eval()
     try:
-        swapped = split_attention_heads(model, example) if config.prune_heads else []
-        classifier = find_classifier(model, example)
+        swapped = split_attention_heads(model, one) if config.prune_heads else []
+        classifier = find_classifier(model, one)
         ignored_names = [classifier, *config.ignored_layers]
         ignored = _resolve_all(model, ignored_names, "ignored layer")
+        ignored += _resolve_all(model, [f.root for f in kept_whole], "layer")
         attention = [m for m in model.modules() if isinstance(m, SplitHeadAttention)]
         # q/k/v widths change only by whole heads (PruningPlan._prune_heads), never channel by channel
         ignored += [m.qkv for m in attention]
+        layouts = find_head_layouts(model)
+        # fused q/k/v with its own output projection: heads cut by HeadLayout.drop_heads, the
+        # fused projection kept out of the graph's channel pruning (as SplitHeadAttention's qkv)
+        local = [layout for layout in layouts if layout.fused and layout.out_proj is not None]
+        layouts = [layout for layout in layouts if layout not in local]
+        whole = {id(m) for m in _resolve_all(model, [f.root for f in kept_whole], "layer")}
+        local = [layout for layout in local if id(layout.projections[0]) not in whole]
+        ignored += [layout.projections[0] for layout in local]
+        num_heads = {proj: layout.heads for layout in layouts for proj in layout.projections}
         multiple = math.lcm(config.round_to or 1, _mha_head_multiple(model))
         names = list(layer_ratios or {})
         per_layer = dict(zip(_resolve_all(model, names, "layer"), (layer_ratios or {}).values(), strict=True))
-        pruner = EdgePruner(
-            model, example,
-            importance=importance or build_importance(config.importance),
-            global_pruning=config.scope == "global",
-            pruning_ratio=ratio,
-            pruning_ratio_dict=per_layer or None,
-            max_pruning_ratio=config.max_layer_ratio,
-            iterative_steps=steps,
-            round_to=multiple if multiple > 1 else None,
-            ignored_layers=ignored,
-            # fresh dicts: torch-pruning 1.6.1 mutates these default arguments across instances
-            in_channel_groups={},
-            out_channel_groups={},
-            num_heads={},
-        )
+        # a training-mode path with more outputs (an auxiliary head) is traced, so its layers are
+        # cut with the rest; two samples: BatchNorm needs more than one value per channel in training
+        train_path = len(example) > 1 and train_outputs_differ(model, example[:2])
+        trace_input = example[:2] if train_path else one
+        try:
+            pruner = EdgePruner(
+                model, trace_input,
+                importance=importance or build_importance(config.importance),
+                global_pruning=config.scope == "global",
+                pruning_ratio=ratio,
+                pruning_ratio_dict=per_layer or None,
+                max_pruning_ratio=config.max_layer_ratio,
+                iterative_steps=steps,
+                round_to=multiple if multiple > 1 else None,
+                ignored_layers=ignored,
+                forward_fn=train_mode_forward if train_path else None,
+                # fresh dicts: torch-pruning 1.6.1 mutates these default arguments across instances
+                in_channel_groups={},
+                out_channel_groups={},
+                num_heads=num_heads,
+                prune_num_heads=bool(layouts) and config.prune_heads,
+                prune_head_dims=not (layouts and config.prune_heads),
+                head_pruning_ratio=ratio if layouts and config.prune_heads else 0.0,
+                head_pruning_ratio_dict={},
+            )
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer on user code
+            raise ModelError(f"torch-pruning could not trace {type(model).__name__} to find its coupled layers: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                             hint="the model's forward must run on one example batch with plain tensor "
+                                  "operations; remove the prune stage or choose another student") from exc
+        _track_group_roots(pruner)
+        probe = Probe.of(model, example[:2], check_train=train_path)
     finally:
         model.train(was_training)
     heads = {m: m.num_heads for m in attention} if config.prune_heads else {}
-    return PruningPlan(model=model, pruner=pruner, config=config, ignored=ignored_names, swapped_attention=swapped,
-                       initial_heads=heads)
+    layout_heads = {layout: layout.heads for layout in layouts} if config.prune_heads else {}
+    plan = PruningPlan(model=model, pruner=pruner, config=config, ignored=ignored_names, probe=probe,
+                       swapped_attention=swapped, initial_heads=heads, head_layouts=layouts,
+                       layout_heads=layout_heads, failures=kept_whole, train_path=train_path,
+                       fused_heads={layout: layout.heads for layout in local} if config.prune_heads else {})
+    plan.reasons = _static_reasons(plan, classifier)
+    return plan
+
+
+def _track_group_roots(pruner: EdgePruner) -> None:
+    """Remember the root layer of the group torch-pruning builds last, to name it if that fails."""
+    build = pruner.DG.get_pruning_group
+
+    def tracked(module, pruning_fn, idxs):
+        pruner.last_root = module
+        return build(module, pruning_fn, idxs)
+
+    pruner.DG.get_pruning_group = tracked
+
+
+def _static_reasons(plan: PruningPlan, classifier: str) -> dict[str, str]:
+    """Why layers will keep their width, known before pruning: the classifier, the recipe's
+    ignored layers, attention projections cut by whole heads, and every layer coupled to one
+    of those or to a 1-channel output (a spatial gate broadcast over the features)."""
+    model, dg = plan.model, plan.pruner.DG
+    names = module_names(model)
+    reasons: dict[str, str] = {classifier: "classifier (its outputs are the classes)"}
+    for name in plan.config.ignored_layers:
+        reasons[name] = "ignored by recipe (prune.ignored_layers)"
+    for attention in plan.initial_heads:
+        reasons[names[attention.qkv]] = "attention q/k/v projection: pruned by whole heads only"
+    for failure in plan.failures:
+        for layer in failure.layers:
+            reasons.setdefault(layer, failure.reason())
+    direct = dict(reasons)
+    for group in _all_groups(dg, plan.pruner.root_module_types):
+        members = out_layers(group, names, dg)
+        anchors = [m for m in members if m in direct]
+        narrow = [names[d.target.module] for d, _ in group if dg.is_out_channel_pruning_fn(d.handler)
+                  and isinstance(d.target.module, WIDTH_LAYERS) and dg.get_out_channels(d.target.module) == 1
+                  and d.target.module in names]
+        for member in members:
+            if member in direct:
+                continue
+            if anchors:
+                reasons[member] = f"coupled to {anchors[0]} ({direct[anchors[0]]})"
+            elif narrow and member not in narrow:
+                reasons[member] = (f"coupled to the 1-channel output of {narrow[0]} (a gate multiplied into "
+                                   "these features): the group cannot lose channels")
+            elif narrow:
+                reasons[member] = "a single output channel"
+    return reasons
+
+
+def _all_groups(dg, root_types):
+    """Every coupled group, whatever is ignored (a group torch-pruning cannot build is skipped)."""
+    seen: set[nn.Module] = set()
+    for module in list(dg.module2node):
+        if module in seen or not isinstance(module, tuple(root_types)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                         list(range(pruner.get_out_channels(module))))
+        except Exception:  # noqa: BLE001 - reported when the pruner itself reaches this group
+            continue
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                seen.add(dep.target.module)
+        yield group
+
+
+def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: PruningPlan,
+                    ratio: float) -> list[dict[str, str | int]]:
+    """Every prunable layer left at full width, or cut less than ``ratio`` asked, with the reason.
+
+    Rows: ``{"layer", "before", "after", "reason"}``; a layer the reasons found before pruning
+    does not cover is explained by rounding (``round_to``, channel groups) or ``max_layer_ratio``.
+    """
+    config, rows = plan.config, []
+    modules = dict(plan.model.named_modules())
+    multiple = config.round_to or 1
+    for name, info in before.items():
+        if name.endswith("#heads") or name not in after:
+            continue
+        old, new = int(info["width"]), int(after[name]["width"])
+        asked = old * (1 - ratio)
+        if ratio <= 0 or new < asked + max(1.0, 0.5 * multiple):
+            continue  # cut as asked (within one rounding step)
+        reason = plan.reasons.get(name)
+        if reason is None:
+            module = modules.get(name) or modules.get(f"model.{name}")
+            groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+            if old <= multiple:
+                reason = f"round_to {multiple}: {old} channels is already one multiple"
+            elif groups > 1 and new != old:
+                reason = (f"groups {groups} and round_to {multiple}: channels kept per group in multiples "
+                          f"of lcm({groups}, {multiple}) / {groups}")
+            elif new != old and old * (1 - config.max_layer_ratio) >= new - multiple:
+                reason = f"max_layer_ratio {config.max_layer_ratio}"
+            elif new != old:
+                reason = f"round_to {multiple}: rounded to the nearest multiple"
+            else:
+                reason = "not pruned by torch-pruning (no coupled group was scored for it)"
+        rows.append({"layer": name, "before": old, "after": new, "reason": reason})
+    return rows
 
 
 def missing_layers(model: nn.Module, names: Iterable[str]) -> list[str]:

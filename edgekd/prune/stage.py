@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgekd.bench.latency import paired_speedup
-from edgekd.errors import EdgekdError, RecipeError
+from edgekd.errors import EdgekdError, ModelError, RecipeError
 from edgekd.fileio import atomic_write_json
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
@@ -24,7 +24,13 @@ from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import LatencyTarget, PruneConfig, RatioTarget, ReductionTarget, SpeedupTarget
 from edgekd.prune.importance import NEEDS_BATCHNORM, NEEDS_GRADIENTS, has_batchnorm
 from edgekd.prune.latency import export_shipping, measure_models_at, timing_batch
-from edgekd.prune.pruner import channel_rows, layer_widths, missing_layers, unknown_layer_hint
+from edgekd.prune.pruner import (
+    channel_rows,
+    kept_whole_rows,
+    layer_widths,
+    missing_layers,
+    unknown_layer_hint,
+)
 from edgekd.prune.targets import PruneEnv, ReductionObjective, prune_at_ratio, reach_target
 from edgekd.runtimes.registry import get_runtime
 
@@ -62,6 +68,26 @@ def probe_latency(models: dict[str, nn.Module], samples: torch.Tensor, config: P
     return rows
 
 
+def student_alive(model: nn.Module, x: torch.Tensor, accuracy: float, num_classes: int) -> dict[str, Any]:
+    """Whether the pruned student still computes something: a finite forward and a val accuracy
+    clearly above chance (more than 1.5x of 100 / classes). Never raises: the finding is data."""
+    chance = 100.0 / max(1, num_classes)
+    try:
+        with torch.no_grad():
+            finite = bool(torch.isfinite(model.eval()(x)).all())
+    except Exception:  # noqa: BLE001 - a forward that fails is as dead as one that is not finite
+        finite = False
+    alive = finite and accuracy > 1.5 * chance
+    verdict: dict[str, Any] = {"alive": alive, "finite": finite, "val_accuracy": round(accuracy, 3),
+                               "chance_accuracy": round(chance, 3)}
+    if not alive:
+        verdict["note"] = ("the pruned student's forward is not finite" if not finite else
+                           f"the pruned student is at chance ({accuracy:.1f}% vs {chance:.1f}%) after BatchNorm "
+                           "recalibration: too much was cut, or a cut broke a coupling the tracer missed; lower the "
+                           "ratio or add the suspect layers to prune.ignored_layers")
+    return verdict
+
+
 @register_stage(PruneConfig)
 class PruneStage(Stage[PruneConfig]):
     name = "prune"
@@ -95,11 +121,15 @@ class PruneStage(Stage[PruneConfig]):
             prune_at_ratio(candidate, env, ratio)
             with torch.no_grad():
                 out = candidate.eval()(ctx.example_batch)
+        except ModelError as exc:  # nothing prunable, or a group that breaks the model: named by layer
+            raise RecipeError(exc.message, key="prune", hint=exc.hint) from exc
         except EdgekdError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a tracing failure in a user model, reported at its key
-            raise RecipeError(f"torch-pruning could not prune the student: {type(exc).__name__}: {exc}",
-                              key="prune", hint="add the layers it trips on to ignored_layers") from exc
+        except Exception as exc:  # noqa: BLE001 - the pruned copy's forward, in a user model
+            raise RecipeError(f"the pruned student no longer runs: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", key="prune",
+                              hint="add the layer named in the message to prune.ignored_layers, or remove the "
+                                   "prune stage") from exc
         if out.shape[-1] != ctx.num_classes:
             raise RecipeError(f"the pruned student predicts {out.shape[-1]} classes, not {ctx.num_classes}",
                               key="prune.ignored_layers", hint="ignore the layer that produces the logits")
@@ -137,11 +167,14 @@ class PruneStage(Stage[PruneConfig]):
         changed = (after["params"], after["macs"]) != (before["params"], before["macs"])
         recalibrated = recalibrate_batchnorm(pruned, train_batches(), cfg.bn_recalibration_batches) if changed else 0
         pruned.eval()
+        kept_whole = kept_whole_rows(before["widths"], after["widths"], outcome.plan, outcome.ratio) \
+            if outcome.plan is not None else []
 
         timed = {"teacher": teacher, **({"student_before": unpruned} if unpruned is not None else {}),
                  "student": pruned}
         latency = probe_latency(timed, samples, cfg)
         accuracy = top1_accuracy(pruned, *ctx.data.val_tensors())
+        alive = student_alive(pruned, ctx.data.val_tensors(64)[0], accuracy, ctx.data.num_classes)
 
         data = {
             "importance": cfg.importance,
@@ -162,6 +195,12 @@ class PruneStage(Stage[PruneConfig]):
             "latency": latency,
             "bn_recalibration_batches": recalibrated,
             "val_accuracy_after_prune": round(accuracy, 3),
+            "alive": alive,
+            # every prunable layer left at full width or cut less than asked, and why
+            "kept_whole": kept_whole,
+            "groups_kept_whole": [{"root": f.root, "layers": f.layers, "reason": f.reason()}
+                                  for f in (outcome.plan.failures if outcome.plan is not None else [])],
+            "traced_training_path": bool(outcome.plan and outcome.plan.train_path),
             "search": outcome.trials,
         }
         ctx.report_data["prune"] = data

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from edgekd.bench.latency import paired_speedup
-from edgekd.errors import TargetUnreachableError
+from edgekd.errors import ModelError, TargetUnreachableError
+from edgekd.models.fold import fold_weight_norm
 from edgekd.models.stats import count_params_macs
 from edgekd.prune.config import (
     LatencyTarget,
@@ -32,7 +33,8 @@ from edgekd.prune.config import (
 )
 from edgekd.prune.importance import NEEDS_GRADIENTS, accumulate_taylor_gradients
 from edgekd.prune.latency import measure_models, timing_batch
-from edgekd.prune.pruner import PruningPlan, build_plan, layer_macs, layer_widths
+from edgekd.prune.pruner import GroupBroke, PruningPlan, build_plan, layer_macs, layer_widths
+from edgekd.prune.safety import GroupFailure, inner_model
 
 #: timing of one search trial: at least this long and this many side-by-side rounds per model.
 #: With 0.3 s and 5 rounds a ResNet-20 (batch 32) read 2.23x where 1.84x was true on this shared
@@ -64,22 +66,76 @@ class PruneOutcome:
     swapped_attention: list[str]
     trials: list[dict[str, Any]] = field(default_factory=list)
     layout: str = ""  # how the channel ratio was applied when not uniformly ("with 3 layer(s) at 0.253")
+    plan: PruningPlan | None = None  # the plan that cut ``model`` (reasons for layers kept whole)
 
 
 # -- pruning one model at one ratio -------------------------------------------------------
+#: groups that may break the model before pruning gives up (each retry rebuilds the graph)
+MAX_BROKEN_GROUPS = 32
+
+
 def prune_at_ratio(model: nn.Module, env: PruneEnv, ratio: float,
                    layer_ratios: dict[str, float] | None = None) -> PruningPlan:
     """Prune ``model`` in place to ``ratio`` (``layer_ratios`` for some layers by name) in
-    ``config.steps`` iterative steps."""
+    ``config.steps`` iterative steps.
+
+    Weight normalisation is folded first. A coupled group torch-pruning cannot score, or whose
+    cut breaks the forward (``GroupBroke``), is kept whole: the model is restored and pruned
+    again with that group's root layer ignored; ``plan.failures`` lists those groups. Raises
+    ``ModelError`` naming the first failed layer when nothing could be pruned at all.
+    """
     config = env.config
-    plan = build_plan(model, env.samples, config, ratio=ratio, steps=config.steps, layer_ratios=layer_ratios)
-    for _ in range(plan.steps_left):
-        if config.importance in NEEDS_GRADIENTS:
-            # fresh gradients each step: the previous step changed the network
-            accumulate_taylor_gradients(model, _require(env.gradient_batches)(), config.taylor_batches)
-        plan.step()
-    model.zero_grad(set_to_none=True)
-    return plan
+    fold_weight_norm(model)
+    backup = copy.deepcopy(model)
+    kept: list[GroupFailure] = []
+    for _ in range(MAX_BROKEN_GROUPS + 1):
+        plan = build_plan(model, env.samples, config, ratio=ratio, steps=config.steps, layer_ratios=layer_ratios,
+                          kept_whole=kept)
+        try:
+            for _ in range(plan.steps_left):
+                if config.importance in NEEDS_GRADIENTS:
+                    # fresh gradients each step: the previous step changed the network
+                    accumulate_taylor_gradients(model, _require(env.gradient_batches)(), config.taylor_batches)
+                plan.step()
+        except GroupBroke as broke:
+            _restore(model, backup)
+            if any(f.root == broke.failure.root for f in kept):  # keeping it whole did not help
+                raise ModelError(f"pruning breaks the model even with layer {broke.failure.root!r} kept whole: "
+                                 f"{broke.failure.reason()}",
+                                 hint="remove the prune stage or choose a student architecture") from broke
+            kept.append(broke.failure)
+            continue
+        finally:
+            model.zero_grad(set_to_none=True)
+        plan.failures = [*kept, *plan.pruner.failures]
+        for failure in plan.pruner.failures:
+            for layer in failure.layers:
+                plan.reasons.setdefault(layer, failure.reason())
+        if ratio > 0 and plan.failures and _unchanged(model, backup):
+            first = plan.failures[0]
+            raise ModelError(
+                f"nothing in {type(inner_model(model)).__name__} could be pruned: the first group that failed is "
+                f"rooted at layer {first.root!r} ({', '.join(first.layers[:4])}), {first.reason()}",
+                hint=f"ignored_layers: [{first.root}] keeps that group whole; this model has no other prunable "
+                     "group, so remove the prune stage or choose a student architecture")
+        return plan
+    first = kept[0]
+    raise ModelError(f"pruning broke {len(kept)} coupled groups in turn; the first was rooted at layer "
+                     f"{first.root!r}: {first.reason()}",
+                     hint=f"add the failing layers to prune.ignored_layers, e.g. ignored_layers: "
+                          f"[{', '.join(f.root for f in kept[:4])}]")
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put ``model`` back to ``backup``'s structure and weights, in place (callers hold ``model``)."""
+    fresh = copy.deepcopy(backup)
+    model.__dict__.clear()
+    model.__dict__.update(fresh.__dict__)
+
+
+def _unchanged(model: nn.Module, backup: nn.Module) -> bool:
+    shapes = [tuple(p.shape) for p in model.state_dict().values()]
+    return shapes == [tuple(p.shape) for p in backup.state_dict().values()]
 
 
 def _require(batches: Batches | None) -> Batches:
@@ -199,7 +255,7 @@ def _reach_ratio(model: nn.Module, env: PruneEnv, target: RatioTarget) -> PruneO
     plan = prune_at_ratio(model, env, target.ratio)
     return PruneOutcome(model=model, ratio=target.ratio, target=f"channel ratio {target.ratio:g}",
                         reached=f"channel ratio {target.ratio:g}", ignored_layers=plan.ignored,
-                        swapped_attention=plan.swapped_attention)
+                        swapped_attention=plan.swapped_attention, plan=plan)
 
 
 def _search_grid(config: PruneConfig) -> list[float]:
@@ -240,7 +296,7 @@ def _search(model: nn.Module, env: PruneEnv, objective: Objective) -> PruneOutco
         where = f" with {key[1]} layer(s) at {higher:.3f}" if key[1] else ""
         return PruneOutcome(model=candidate, ratio=key[0], target=objective.describe(),
                             reached=objective.format(figures[key]) + where, ignored_layers=plan.ignored,
-                            swapped_attention=plan.swapped_attention, trials=trials, layout=where)
+                            swapped_attention=plan.swapped_attention, trials=trials, layout=where, plan=plan)
 
     grid = _search_grid(config)
     if trial(0.0):  # the unpruned student already meets it
@@ -306,7 +362,7 @@ def _verified(model: nn.Module, env: PruneEnv, objective: Objective, chosen: Pru
             plan = prune_at_ratio(candidate, env, ratio)
             ready = PruneOutcome(model=candidate, ratio=ratio, target=chosen.target, reached="",
                                  ignored_layers=plan.ignored, swapped_attention=plan.swapped_attention,
-                                 trials=chosen.trials)
+                                 trials=chosen.trials, plan=plan)
         figure = objective.measure(ready.model, VERIFY_TIMING)
         chosen.trials.append({"ratio": round(ratio, 4), "verify": True, "figure": round(figure, 4),
                               "met": objective.met(figure)})

@@ -1,0 +1,131 @@
+"""Attention modules that keep their head layout in attributes (Hugging Face, timm, hand-written).
+
+Such a module projects to ``num_heads * head_dim`` features with separate q/k/v Linear layers
+(Hugging Face ``ViTSelfAttention``: ``query``/``key``/``value``, ``num_attention_heads``,
+``attention_head_size``, ``all_head_size``) or one fused ``qkv`` Linear (timm ``Attention``:
+``num_heads``, ``head_dim``), and its forward reshapes by those attributes. torch-pruning removes
+whole heads from the projections when told each projection's head count (its ``num_heads``
+argument with ``prune_num_heads``, as in torch-pruning's examples/transformers/prune_hf_vit.py);
+the module's attributes must then be set to the new layout, or its reshape fails
+("shape '[2, -1, 4, 16]' is invalid").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from edgekd.prune.attention import SplitHeadAttention
+
+#: attribute names that hold a head count, most specific first
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+#: attribute names that hold the width of one head
+HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head")
+#: separate projections, by the names libraries give them
+SEPARATE_QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+FUSED_QKV = ("qkv", "in_proj", "c_attn")
+#: the output projection of a fused-qkv module, by the names libraries give it
+OUT_PROJ = ("proj", "out_proj", "o_proj", "c_proj", "dense")
+
+
+@dataclass(eq=False)
+class HeadLayout:
+    """One attention module whose heads torch-pruning may remove.
+
+    ``projections`` are the Linear layers whose outputs are laid out head-major: three
+    (q, k, v) or one fused layer with ``3 * heads * head_dim`` outputs.
+    """
+
+    name: str
+    module: nn.Module
+    count_attr: str
+    projections: tuple[nn.Linear, ...]
+    out_proj: nn.Linear | None = None  # fused layouts: the projection reading all heads
+
+    @property
+    def heads(self) -> int:
+        return int(getattr(self.module, self.count_attr))
+
+    @property
+    def fused(self) -> bool:
+        return len(self.projections) == 1
+
+    def inner_width(self) -> int:
+        """Features of one of q, k or v: ``heads * head_dim``."""
+        out = self.projections[0].out_features
+        return out // 3 if self.fused else out
+
+    def head_dim(self) -> int:
+        return self.inner_width() // self.heads
+
+    def drop_heads(self, keep: int) -> list[int]:
+        """Fused layouts: remove the heads with the smallest L2 weight (their q/k/v rows of the fused
+        projection and their columns of the output projection) with torch-pruning's pruning
+        functions, until ``keep`` remain; update the attributes. Returns the heads removed.
+
+        Used where torch-pruning's graph cannot follow the fused layout (heads taken from the
+        fused output by indexing raise IndexError when it scores the group)."""
+        import torch
+        import torch_pruning as tp
+
+        assert self.fused and self.out_proj is not None
+        heads, dim, inner = self.heads, self.head_dim(), self.inner_width()
+        if keep >= heads:
+            return []
+        qkv, proj = self.projections[0], self.out_proj
+        with torch.no_grad():
+            rows = qkv.weight.view(3, heads, dim, -1).pow(2).sum((0, 2, 3))
+            cols = proj.weight.view(proj.out_features, heads, dim).pow(2).sum((0, 2))
+        drop = sorted(torch.argsort(rows + cols)[: heads - keep].tolist())
+        per_head = [h * dim + d for h in drop for d in range(dim)]
+        tp.prune_linear_out_channels(qkv, [part * inner + i for part in range(3) for i in per_head])
+        tp.prune_linear_in_channels(proj, per_head)
+        self.update(keep)
+        return drop
+
+    def update(self, heads: int) -> None:
+        """Set the module's head attributes to ``heads`` heads of the projections' current width."""
+        module, inner = self.module, self.inner_width()
+        setattr(module, self.count_attr, heads)
+        for attr in HEAD_DIM_ATTRS:
+            if isinstance(module.__dict__.get(attr), int):
+                setattr(module, attr, inner // heads)
+        if isinstance(module.__dict__.get("all_head_size"), int):
+            module.all_head_size = inner
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+    child = module._modules.get(name)
+    return child if isinstance(child, nn.Linear) else None
+
+
+def find_head_layouts(model: nn.Module) -> list[HeadLayout]:
+    """Every attention module (other than ``nn.MultiheadAttention`` and edgekd's own
+    ``SplitHeadAttention``, pruned elsewhere) with an integer head count attribute and q/k/v or
+    fused qkv Linear children whose widths fit that head count."""
+    found: list[HeadLayout] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.MultiheadAttention, SplitHeadAttention)):
+            continue
+        count_attr = next((a for a in HEAD_COUNT_ATTRS if isinstance(module.__dict__.get(a), int)
+                           and not isinstance(module.__dict__.get(a), bool)), None)
+        if count_attr is None:
+            continue
+        heads = module.__dict__[count_attr]
+        if heads < 1:
+            continue
+        for names in SEPARATE_QKV:
+            layers = [_linear(module, n) for n in names]
+            if all(layers) and len({lin.out_features for lin in layers}) == 1 and layers[0].out_features % heads == 0:
+                found.append(HeadLayout(name, module, count_attr, tuple(layers)))  # type: ignore[arg-type]
+                break
+        else:
+            for fused_name in FUSED_QKV:
+                fused = _linear(module, fused_name)
+                if fused is not None and fused.out_features % (3 * heads) == 0:
+                    out = next((lin for n in OUT_PROJ if (lin := _linear(module, n)) is not None
+                                and lin.in_features == fused.out_features // 3), None)
+                    found.append(HeadLayout(name, module, count_attr, (fused,), out))
+                    break
+    return found
