@@ -199,7 +199,7 @@ def test_parity_failure_marks_the_artifact_failed_and_keeps_earlier_ones(exporte
     ctx.add_artifact(Artifact(role=earlier.role, fmt=earlier.fmt, path=earlier.path, info=dict(earlier.info)))
     # a tolerance float rounding cannot meet: the real numbers must come back in the error
     entry = StageEntry.model_validate({"export": {"formats": ["onnx"], "roles": ["teacher"],
-                                                  "verify": {"samples": 64, "atol": 1e-12}}})
+                                                  "verify": {"samples": 64, "atol": 1e-12, "rtol": 0}}})
     with pytest.raises(ParityError) as info:
         stage_for(entry.config).run(ctx)
     (row,) = info.value.outputs
@@ -267,7 +267,7 @@ def test_roles_export_in_parallel_and_child_errors_keep_their_numbers(teacher, s
 
     # the teacher (exported in the child) fails parity: its numbers and hint cross the process boundary,
     # and the first role's error is the one raised
-    failing, error = run("failing", verify={"samples": 64, "atol": 1e-12})
+    failing, error = run("failing", verify={"samples": 64, "atol": 1e-12, "rtol": 0})
     assert isinstance(error, ParityError) and "the teacher's .onnx" in error.message
     assert error.hint and "atol" in error.hint
     (row,) = error.outputs

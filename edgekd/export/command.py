@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from edgekd.errors import ConfigError, EdgekdError, StageError
-from edgekd.export.config import FORMAT_ORDER, ExportConfig, VerifyConfig
+from edgekd.export.config import DEFAULT_RTOL, FORMAT_ORDER, ExportConfig, VerifyConfig
 from edgekd.export.executorch_export import export_pte
 from edgekd.export.onnx_export import export_onnx
 from edgekd.export.ort_format import convert_to_ort, mobile_usability
@@ -27,7 +27,8 @@ from edgekd.runtimes.registry import runtime_for_format
 def _verify(model: torch.nn.Module, path: Path, fmt: str, inputs: torch.Tensor, verify: VerifyConfig) -> dict[str, Any]:
     loaded = runtime_for_format(fmt).load(path, threads=1)
     try:
-        return check_parity(model, loaded, inputs, atol=verify.atol, min_top1_agreement=verify.min_top1_agreement,
+        return check_parity(model, loaded, inputs, atol=verify.atol, rtol=verify.rtol,
+                            min_top1_agreement=verify.min_top1_agreement, batch_sizes=verify.batch_sizes,
                             label=f"{path.name}")
     finally:
         del loaded
@@ -36,7 +37,7 @@ def _verify(model: torch.nn.Module, path: Path, fmt: str, inputs: torch.Tensor, 
 def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: int = 18,
                  dynamic_batch: bool = True, simplify: bool = True, pte_max_batch: int = 256,
                  ort_target_platform: str = "arm", verify_samples: int = 64, atol: float = 1e-3,
-                 min_top1_agreement: float = 0.99, inputs: torch.Tensor | None = None,
+                 rtol: float = DEFAULT_RTOL, min_top1_agreement: float = 0.99, inputs: torch.Tensor | None = None,
                  factories: Iterable[str] = ()) -> Path:
     """Export a portable ``.pt`` checkpoint to ``to`` ("onnx", "ort" or "pte"); return the file written.
 
@@ -52,7 +53,7 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
     try:  # the same validation as a recipe's export section
         cfg = ExportConfig(formats=["onnx", to] if to == "ort" else [to], opset=opset, dynamic_batch=dynamic_batch,
                            simplify=simplify, pte_max_batch=pte_max_batch, ort_target_platform=ort_target_platform,
-                           verify=VerifyConfig(samples=verify_samples, atol=atol,
+                           verify=VerifyConfig(samples=verify_samples, atol=atol, rtol=rtol,
                                                min_top1_agreement=min_top1_agreement))
     except ValueError as exc:
         raise ConfigError(f"bad export option: {exc}") from exc

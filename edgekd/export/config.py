@@ -1,9 +1,11 @@
 """The ``export`` stage's recipe section::
 
-    - export: {formats: [onnx, ort, pte], opset: 18, verify: {samples: 256, atol: 1.0e-3}}
+    - export: {formats: [onnx, ort, pte], opset: 18, verify: {samples: 256, atol: 1.0e-3, rtol: 1.0e-2}}
 
-Every artifact is checked against the PyTorch model on real validation samples before it is
-handed over; ``verify`` holds the tolerances.
+Every artifact is checked against the PyTorch model on real validation samples, and at the
+batch sizes it will be run at, before it is handed over; ``verify`` holds the tolerances. The
+tolerance names are those of earlier recipes (``atol``, ``min_top1_agreement``); ``rtol`` and
+``batch_sizes`` are new, with defaults.
 """
 
 from __future__ import annotations
@@ -17,19 +19,41 @@ from edgekd.recipe.base import StrictModel
 ExportFormat = Literal["onnx", "ort", "pte"]
 Role = Literal["teacher", "student"]
 
+#: largest per-sample logit difference allowed, as a fraction of the sample's largest |logit|
+DEFAULT_RTOL = 1e-2
+
 #: the order artifacts are made in: ``ort`` is converted from the ``onnx`` file
 FORMAT_ORDER: tuple[ExportFormat, ...] = ("onnx", "ort", "pte")
 
 
 class VerifyConfig(StrictModel):
-    """Parity of an exported artifact with the PyTorch model, on real validation samples."""
+    """Parity of an exported artifact with the PyTorch model, on real validation samples.
+
+    A sample passes when its largest logit difference is at most ``atol + rtol * its largest
+    |logit|`` (float rounding grows with the logits' size; see ``edgekd.export.parity``).
+    """
 
     samples: int = Field(256, ge=1, le=100_000,
                          description="validation samples run through every artifact (fewer if the split is smaller)")
     atol: float = Field(1e-3, gt=0.0, le=100.0,
-                        description="largest absolute logit difference from PyTorch allowed")
+                        description="absolute part of the allowed logit difference (what float rounding gives "
+                        "on small logits)")
+    rtol: float = Field(DEFAULT_RTOL, ge=0.0, le=1.0,
+                        description="relative part of the allowed logit difference: a fraction of each sample's "
+                        "largest |logit| (0: absolute only)")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0,
                                       description="fraction of samples whose top-1 class must match PyTorch's")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 3], min_length=0,
+                                   description="batch sizes each artifact is also run at in one call, besides the "
+                                   "benchmark's (batch 1 is what a phone runs; an odd batch catches splits that "
+                                   "assume an even one); larger than a .pte's pte_max_batch is skipped")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value):
+            raise ValueError("batch sizes must be at least 1")
+        return sorted(set(value))
 
 
 class ExportConfig(StrictModel):

@@ -31,9 +31,20 @@ def eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, for error messages and warnings."""
+    """The first line of an exception's message, for warnings where one line is enough."""
     text = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
     return f"{type(exc).__name__}: {text[:limit]}"
+
+
+def whole_cause(exc: BaseException, limit: int = 3000) -> str:
+    """An exception's WHOLE message (blank lines dropped, lines indented under the first), for an
+    artifact that failed: exporters put the operator and the user's source line after the first
+    line ("mismatched dtypes:" / "Operator: aten.abs ... complex64" / "File ..., line 218")."""
+    lines = [line.rstrip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = "\n    ".join(lines) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit] + f" ... ({len(text) - limit} more characters)"
+    return f"{type(exc).__name__}: {text}"
 
 
 @contextlib.contextmanager
