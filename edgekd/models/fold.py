@@ -55,6 +55,11 @@ def fold_weight_norm(model: nn.Module) -> list[str]:
         if parametrize.is_parametrized(module):
             for param, plist in list(module.parametrizations.items()):
                 if len(plist) == 1 and _is_weight_norm_parametrization(plist[0]):
+                    # the parametrized class is shared with every deepcopy of this module, and removing
+                    # a parametrization deletes its property from that class: give this module its own
+                    # copy first, or folding a copy would break the original
+                    cls = type(module)
+                    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
                     parametrize.remove_parametrizations(module, param, leave_parametrized=True)
                     folded.append(name if param == "weight" else f"{name}.{param}")
     if folded:

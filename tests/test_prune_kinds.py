@@ -1,0 +1,363 @@
+"""Pruning the kinds of models users bring (issue 13): grouped convs with BatchNorm/GroupNorm, weight
+norm, split sizes stored as ints, channel shuffle, gates, Hugging Face and fused-qkv attention, and
+train-mode auxiliary heads. Each model is small, written here (no one's code), and pruned 50% with
+round_to 8 as a recipe would; the pruned model must run at batch 1 and 5 with the same logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgekd.prune.stage  # noqa: F401  (registers the stage)
+from edgekd.errors import ModelError, RecipeError
+from edgekd.models.fold import fold_weight_norm
+from edgekd.models.portable import load_portable, save_portable
+from edgekd.models.spec import ModelSpec
+from edgekd.pipeline.context import ValidationContext
+from edgekd.pipeline.stage import stage_for
+from edgekd.prune.config import PruneConfig
+from edgekd.prune.pruner import kept_whole_rows, layer_widths
+from edgekd.prune.targets import PruneEnv, prune_at_ratio
+
+HERE = "tests.test_prune_kinds"
+
+
+# -- the models ---------------------------------------------------------------------------------
+class GroupedNet(nn.Module):
+    """A bottleneck whose 3x3 conv has groups=4 (neither plain nor depthwise)."""
+
+    def __init__(self, num_classes: int = 10, norm: str = "bn") -> None:
+        super().__init__()
+
+        def norm_layer(c):
+            return nn.GroupNorm(4, c) if norm == "gn" else nn.BatchNorm2d(c)
+
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.reduce, self.n1 = nn.Conv2d(32, 32, 1, bias=False), norm_layer(32)
+        self.grouped, self.n2 = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), norm_layer(32)
+        self.expand, self.n3 = nn.Conv2d(32, 32, 1, bias=False), norm_layer(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.n1(self.reduce(x)))
+        y = F.relu(self.n2(self.grouped(y)))
+        y = F.relu(self.n3(self.expand(y)) + x)
+        return self.fc(y.mean((2, 3)))
+
+
+class TCN(nn.Module):
+    """Conv1d layers under weight normalisation (hook or parametrization form)."""
+
+    def __init__(self, num_classes: int = 10, style: str = "hook") -> None:
+        super().__init__()
+        wn = nn.utils.weight_norm if style == "hook" else nn.utils.parametrizations.weight_norm
+        with pytest.warns(FutureWarning) if style == "hook" else _nothing():
+            self.c1, self.c2 = wn(nn.Conv1d(1, 32, 3, padding=1)), wn(nn.Conv1d(32, 32, 3, padding=2, dilation=2))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean(2))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class PartialConv(nn.Module):
+    """Convolves the first quarter of the channels; the split sizes are ints kept on the module."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim_conv, self.dim_untouched = dim // 4, dim - dim // 4
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        part, rest = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        return torch.cat((self.conv(part), rest), 1)
+
+
+class PartialNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.spatial = PartialConv(32)
+        self.mlp = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                 nn.Conv2d(64, 32, 1, bias=False))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mlp(self.spatial(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class ShuffleNet(nn.Module):
+    """ShuffleNetV2-style units: chunk in two, one half through a branch, concat, channel shuffle."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.branches = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+            nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(2))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = torch.cat((a, branch(b)), 1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+class GatedNet(nn.Module):
+    """A 1-channel spatial gate multiplied into the features, then squeeze-excitation."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.gate = nn.Conv2d(32, 1, 7, padding=3)
+        self.mid = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(64, 16, 1), nn.ReLU(), nn.Conv2d(16, 64, 1),
+                                nn.Sigmoid())
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x))
+        y = self.mid(y * torch.sigmoid(self.gate(y)))
+        return self.fc((y * self.se(y)).mean((2, 3)))
+
+
+class FusedAttention(nn.Module):
+    """One fused qkv Linear, heads by reshape and indexing."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class FusedViT(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, 32, 4, 4)
+        self.norm1, self.attn = nn.LayerNorm(32), FusedAttention(32, 4)
+        self.norm2, self.mlp = nn.LayerNorm(32), nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class AuxNet(nn.Module):
+    """Training mode returns (logits, aux_logits); eval mode the logits."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.aux = nn.Linear(32, num_classes)
+        self.block2 = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        mid = self.block1(x)
+        logits = self.fc(self.block2(mid).mean((2, 3)))
+        return (logits, self.aux(mid.mean((2, 3)))) if self.training else logits
+
+
+class OnlySplit(nn.Module):
+    """Nothing prunable but one group, and that one feeds a split with stored sizes."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.sizes = [4, 12]
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), self.sizes, dim=1)
+        return self.fc(torch.cat((a * 2, b), 1).mean((2, 3)))
+
+
+def grouped(num_classes=10, norm="bn"):
+    return GroupedNet(num_classes, norm)
+
+
+def tcn(num_classes=10, style="hook"):
+    return TCN(num_classes, style)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _ready(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Real BatchNorm statistics from real inputs (default ones give degenerate outputs)."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    return model.eval()
+
+
+def _prune(model: nn.Module, x: torch.Tensor, **config):
+    """Prune 50% with round_to 8; the pruned model runs at batch 1 and 5 with (N, 10) logits."""
+    before = layer_widths(model)
+    plan = prune_at_ratio(model, PruneEnv(PruneConfig(**{"ratio": 0.5, "round_to": 8, **config}), x, model), 0.5)
+    with torch.no_grad():
+        assert model.eval()(x[:1]).shape == (1, 10) and model(x[:5]).shape == (5, 10)
+        assert torch.isfinite(model(x[:5])).all()
+    rows = {r["layer"]: r for r in kept_whole_rows(before, layer_widths(model), plan, 0.5)}
+    return plan, before, layer_widths(model), rows
+
+
+@pytest.fixture(scope="module")
+def images(digits16):
+    return digits16.val_tensors(64)[0]
+
+
+@pytest.fixture(scope="module")
+def signals():
+    from edgekd.data import mnist1d_bundle
+
+    return mnist1d_bundle(num_samples=300).val_tensors(32)[0]
+
+
+# -- 1. grouped convolutions ----------------------------------------------------------------
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_grouped_conv_loses_whole_groups_in_multiples_of_lcm(norm, images):
+    model = _ready(GroupedNet(norm=norm), images)
+    _, before, after, rows = _prune(model, images)
+    # 32 channels in 4 groups of 8 -> 16 channels, 4 per group (round_to 8 = lcm(4, 8))
+    assert model.grouped.out_channels == 16 and model.grouped.groups == 4
+    assert tuple(model.grouped.weight.shape) == (16, 4, 3, 3)
+    for name in ("stem.0", "reduce", "grouped", "expand"):
+        assert after[name]["width"] == 16, (name, after[name])
+    if norm == "gn":
+        assert model.n2.num_groups == 4 and model.n2.num_channels == 16
+    assert set(rows) == {"fc"} and "classifier" in rows["fc"]["reason"]
+
+
+# -- 2. weight normalisation ----------------------------------------------------------------
+@pytest.mark.parametrize("style", ["hook", "param"])
+def test_weight_norm_is_folded_exactly_then_pruned_as_plain_conv1d(style, signals):
+    torch.manual_seed(0)
+    model = TCN(style=style).eval()
+    with torch.no_grad():
+        reference = model(signals)
+    folded = copy.deepcopy(model)
+    assert fold_weight_norm(folded) == ["c1", "c2"]
+    assert not any("weight_g" in n or "parametrizations" in n for n, _ in folded.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(folded(signals), reference)  # the same computation, once
+    _, _, after, _ = _prune(model, signals)
+    assert type(model.c1) is nn.Conv1d and model.c1.out_channels == 16 and after["c2"]["width"] == 16
+
+
+def test_folded_model_round_trips_through_the_portable_checkpoint(signals, tmp_path):
+    spec = ModelSpec(factory=f"{HERE}:tcn", kwargs={"style": "param"})
+    model = spec.build(10, (1, 40))
+    fold_weight_norm(model)
+    prune_at_ratio(model, PruneEnv(PruneConfig(ratio=0.5), signals, model), 0.5)
+    save_portable(model, tmp_path / "m.pt", spec=spec, num_classes=10, input_shape=(1, 40))
+    loaded, _ = load_portable(tmp_path / "m.pt", factories=[spec.factory])
+    with torch.no_grad():
+        assert torch.equal(loaded(signals), model.eval()(signals))
+    assert loaded.c1.out_channels == 16
+
+
+# -- 3. split sizes, channel shuffle, gates -------------------------------------------------------
+def test_split_with_stored_sizes_keeps_its_group_and_prunes_the_rest(images):
+    model = _ready(PartialNet(), images)
+    _, before, after, rows = _prune(model, images)
+    assert after["mlp.0"]["width"] == 32  # 64 -> 32: the rest is pruned
+    assert after["stem.0"]["width"] == 32 and model.spatial.conv.out_channels == 8  # the split's group stays
+    assert "torch.split" in rows["stem.0"]["reason"] and "spatial" in rows["stem.0"]["reason"]
+
+
+def test_channel_shuffle_prunes_the_branches_and_keeps_the_shuffled_stream(images):
+    model = _ready(ShuffleNet(), images)
+    _, before, after, rows = _prune(model, images)
+    assert after["branches.0.0"]["width"] == 8 and after["branches.1.0"]["width"] == 8
+    assert "stem.0" in rows and "reshape/view" in rows["stem.0"]["reason"]
+
+
+def test_gates_prune_around_the_one_channel_gate(images):
+    model = _ready(GatedNet(), images)
+    _, before, after, rows = _prune(model, images)
+    assert after["stem.0"]["width"] == 16 and after["mid.0"]["width"] == 32 and after["se.3"]["width"] == 32
+    assert after["conv.0"]["width"] == 32 and "1-channel output of gate" in rows["conv.0"]["reason"]
+    assert after["se.1"]["width"] == 8  # squeeze 16 -> 8
+
+
+def test_nothing_prunable_names_the_layer_the_operation_and_an_ignored_layers_entry(digits16):
+    model = _ready(OnlySplit(), digits16.val_tensors(16)[0])
+    x = digits16.val_tensors(16)[0]
+    with pytest.raises(ModelError, match=r"'conv'.*torch\.split") as info:
+        prune_at_ratio(model, PruneEnv(PruneConfig(ratio=0.5), x, model), 0.5)
+    assert "ignored_layers: [conv]" in info.value.hint
+    ctx = ValidationContext(recipe=None, teacher=model, student=model, example_batch=x[:2], num_classes=10)
+    with pytest.raises(RecipeError, match="conv") as info:
+        stage_for(PruneConfig(ratio=0.5)).check(ctx)
+    assert info.value.exit_code == 2 and "torch-pruning could not prune the student" not in str(info.value)
+
+
+# -- 4. attention heads -------------------------------------------------------------------------
+def test_hugging_face_vit_loses_whole_heads_and_its_attributes_follow(images):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    num_labels=10)
+    net = transformers.ViTForImageClassification(config)
+    from edgekd.models.adapter import adapt
+
+    model = adapt(net, images[:2]).eval()
+    _prune(model, images)
+    for layer in net.vit.encoder.layer:
+        attn = layer.attention.attention
+        assert attn.num_attention_heads == 2 and attn.attention_head_size == 8 and attn.all_head_size == 16
+        assert attn.query.out_features == attn.key.out_features == attn.value.out_features == 16
+
+
+def test_fused_qkv_attention_loses_whole_heads(images):
+    model = _ready(FusedViT(), images)
+    _, _, after, rows = _prune(model, images)
+    assert model.attn.num_heads == 2 and model.attn.head_dim == 8 and model.attn.qkv.out_features == 48
+    assert model.attn.proj.in_features == 16 and after["mlp.0"]["width"] == 32
+
+
+# -- 8. train-mode outputs ----------------------------------------------------------------------
+def test_train_only_aux_head_is_pruned_with_the_features(images):
+    from edgekd.models.adapter import adapt
+    from edgekd.prune.batchnorm import recalibrate_batchnorm
+
+    model = _ready(adapt(AuxNet(), images[:2]), images)
+    plan, _, after, _ = _prune(model, images)
+    net = getattr(model, "model", model)
+    assert plan.train_path and net.block1[0].out_channels == 16 and net.aux.in_features == 16
+    with torch.no_grad():
+        logits, aux = net.train()(images[:4])
+    assert logits.shape == aux.shape == (4, 10)
+    assert recalibrate_batchnorm(model, [(images[:32], None)], 2) == 1
