@@ -8,14 +8,18 @@ The stage exports it once to every format for the whole module.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import textwrap
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from pydantic import ValidationError
+from torch import nn
 
 import edgekd.export.stage  # noqa: F401  (registers the export stage)
 from edgekd.errors import ConfigError, EdgekdError, ParityError
@@ -185,6 +189,7 @@ def test_pte_is_delegated_to_xnnpack_and_takes_batches_past_15(exported, student
     assert info["backend"] == "XnnpackBackend" and info["delegated_subgraphs"] >= 1
     assert info["delegated_nodes"] > 20 and info["non_delegated_nodes"] <= 2
     assert info["delegated_ops"]["aten_convolution_default"] >= 19 and info["max_batch"] == 256
+    assert info["delegated_share"] >= 0.9 and info["warnings"] == []
     # regression: lowering used to narrow the batch range to <= 15 (see executorch_export)
     loaded = get_runtime("executorch").load(exported.artifact("student", "pte").path, threads=1)
     x = digits8.val_tensors(32)[0]
@@ -274,3 +279,188 @@ def test_roles_export_in_parallel_and_child_errors_keep_their_numbers(teacher, s
     assert 0 < row["max_abs_diff"] < 1e-3
     assert failing.artifact("teacher", "onnx").status == "failed"
     assert failing.artifact("teacher", "onnx").info["parity"]["max_abs_diff"] == row["max_abs_diff"]
+
+
+# -- artifacts verified the way they will be used (issue 13) ----------------------------------
+class ChunkGateNet(nn.Module):
+    """A gated conv whose channels are chunked in two: torch.export bakes the example batch into the
+    split, so the .pte takes batches of exactly the example's size (batch 1 and odd batches fail)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(a * torch.sigmoid(b), 1), 1))
+
+
+class SpectralNet(nn.Module):
+    """An rfft magnitude as a second input channel (complex tensors inside the graph)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 5, padding=2)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        spectrum = torch.log1p(torch.fft.rfft(x, dim=-1).abs())
+        spectrum = F.pad(spectrum, (0, x.shape[-1] - spectrum.shape[-1]))
+        return self.fc(torch.relu(self.conv(torch.cat([x, spectrum], dim=1))).mean(dim=2))
+
+
+class _RecipeWithBenchmark(_Recipe):
+    def __init__(self, batch_sizes: list[int]) -> None:
+        from edgekd.bench.config import BenchmarkConfig
+
+        self.benchmark = BenchmarkConfig(runtimes=["onnxruntime", "executorch"], threads=[1], batch_sizes=batch_sizes,
+                                         warmup=1, min_time_s=0.0, min_iters=2, memory=False, peak=False)
+
+
+def test_a_pte_that_cannot_run_batch_one_fails_alone_and_the_benchmark_skips_it(digits8, tmp_path, capfd):
+    torch.manual_seed(0)
+    model = ChunkGateNet()
+    train_briefly(model, digits8, torch.optim.Adam(model.parameters(), lr=1e-2), 2)
+    ctx = RunContext(recipe=_RecipeWithBenchmark([1, 8]), run_dir=RunDir(tmp_path), data=digits8,
+                     device=torch.device("cpu"), teacher=model, student=copy.deepcopy(model))
+    entry = StageEntry.model_validate({"export": {"formats": ["onnx", "pte"], "parallel": False,
+                                                  "verify": {"samples": 64}}})
+    stage_for(entry.config).run(ctx)  # the run carries on: no exception
+    summary = ctx.report_data["export"]
+    assert summary["parity_batch_sizes"] == [1, 3, 8]  # verify's own and the benchmark's
+    for role in ("teacher", "student"):
+        onnx_artifact, pte = ctx.artifact(role, "onnx"), ctx.artifact(role, "pte")
+        assert onnx_artifact.status == "ok"
+        assert [b["batch"] for b in onnx_artifact.info["parity"]["batches"]] == [1, 3, 8]
+        assert pte.status == "failed"
+        assert "cannot run batch 3" in pte.info["error"] and "accepts batches of at most 2" in pte.info["error"]
+        assert "exported for up to 256" in pte.info["error"]
+        # no dead file ships: the .pte is set aside for inspection, outside artifacts/
+        assert not (tmp_path / "artifacts" / f"{role}.pte").exists()
+        assert pte.path == tmp_path / "stages" / "export" / "failed" / f"{role}.pte" and pte.path.is_file()
+    assert [(f["role"], f["fmt"]) for f in summary["failed"]] == [("teacher", "pte"), ("student", "pte")]
+    assert "failed and is not shipped" in capfd.readouterr().err
+    # the benchmark times what passed and says why the executorch runtime has nothing to time
+    from edgekd.bench.stage import BenchmarkStage
+
+    BenchmarkStage(ctx.recipe.benchmark.model_copy(update={"batch_sizes": [1]})).run(ctx)
+    bench = ctx.report_data["benchmark"]
+    assert {row["runtime"] for row in bench["latency_p50"]} == {"onnxruntime"}
+    skipped = [n for n in bench["notes"] if "student fp32 .pte artifact is not usable" in n]
+    assert skipped and "cannot run batch 3" in skipped[0]
+
+
+def test_a_format_the_runtime_lacks_keeps_its_whole_cause_and_the_others_ship(tmp_path):
+    from edgekd.data import mnist1d_bundle
+
+    data = mnist1d_bundle(num_samples=600)
+    torch.manual_seed(0)
+    model = SpectralNet()
+    train_briefly(model, data, torch.optim.Adam(model.parameters(), lr=1e-2), 2)
+    ctx = RunContext(recipe=_Recipe(), run_dir=RunDir(tmp_path), data=data, device=torch.device("cpu"),
+                     teacher=model, student=model)
+    entry = StageEntry.model_validate({"export": {"roles": ["student"], "verify": {"samples": 64}}})
+    stage_for(entry.config).run(ctx)
+    assert ctx.artifact("student", "onnx").status == "ok" and ctx.artifact("student", "ort").status == "ok"
+    assert ctx.artifact("student", "ort").info["parity"]["passed"]
+    pte = ctx.artifact("student", "pte")
+    error = pte.info["error"]
+    line = inspect.getsourcelines(SpectralNet.forward)[1] + 1
+    assert pte.status == "failed" and error.startswith("exporting the student to pte: not supported by ExecuTorch: "
+                                                       "complex tensors (aten.fft_rfft.default gives complex64")
+    assert f"test_export.py:{line}" in error
+    # the part after "mismatched dtypes:" that a one-line message dropped: the operator and its dtype
+    assert "mismatched dtypes:" in error and "aten.abs.default" in error and "torch.complex64" in error
+    assert not list((tmp_path / "artifacts").glob("*.pte"))
+
+
+def test_parity_follows_the_logits_scale_and_still_catches_a_changed_model(teacher, digits8, tmp_path):
+    from edgekd.export.config import VerifyConfig
+    from edgekd.export.parity import check_parity
+
+    big = copy.deepcopy(teacher).eval()
+    with torch.no_grad():  # logits in the tens of thousands: float rounding alone is then above 1e-3
+        big.fc.weight.mul_(1000.0)
+        big.fc.bias.mul_(1000.0)
+    export_onnx(big, digits8.example_batch(2), tmp_path / "big.onnx")
+    loaded = get_runtime("onnxruntime").load(tmp_path / "big.onnx", threads=1)
+    x = digits8.val_tensors(128)[0]
+    with pytest.raises(ParityError, match=r"max abs diff .* \(allowed: atol 0.001 \+ rtol 0 x"):
+        check_parity(big, loaded, x, atol=1e-3, rtol=0.0, min_top1_agreement=0.99, label="absolute only")
+    verify = VerifyConfig()
+    result = check_parity(big, loaded, x, atol=verify.atol, rtol=verify.rtol,
+                          min_top1_agreement=verify.min_top1_agreement, label="scaled", batch_sizes=[1, 3])
+    assert result["passed"] and result["max_abs_diff"] > 1e-3 and result["max_rel_diff"] < 1e-4
+    assert result["cosine_similarity"] > 0.999999 and result["sqnr_db"] > 80
+    assert [b["batch"] for b in result["batches"]] == [1, 3]
+    # a model the export changed (one BatchNorm's statistics off, as a layer left in training mode) still fails
+    changed = copy.deepcopy(big)
+    with torch.no_grad():
+        changed.bn1.running_var.mul_(4.0)
+    with pytest.raises(ParityError, match=r"worst sample off by \d+"):
+        check_parity(changed, loaded, x, atol=verify.atol, rtol=verify.rtol,
+                     min_top1_agreement=verify.min_top1_agreement, label="changed")
+
+
+def test_pte_reports_its_xnnpack_share_and_warns_when_low(tmp_path):
+    from edgekd.export.executorch_export import export_pte
+
+    # weight-normalised convolutions compute their weight in the graph, so XNNPACK (static weights) takes
+    # only the rest: the case that ran about 60x slower than ONNX Runtime
+    wn = nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(wn(nn.Conv1d(1, 8, 3, padding=1)), nn.ReLU(), wn(nn.Conv1d(8, 8, 3, padding=1)), nn.ReLU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    info = export_pte(model, torch.randn(2, 1, 16), tmp_path / "wn.pte", max_batch=8)
+    total = info["delegated_nodes"] + info["non_delegated_nodes"]
+    assert info["delegated_share"] == round(info["delegated_nodes"] / total, 4) and info["delegated_share"] < 0.8
+    (warning,) = info["warnings"]
+    assert f"only {100 * info['delegated_share']:.0f}% of the .pte's compute operators run in XNNPACK" in warning
+    assert "portable CPU kernels" in warning and "aten_convolution_default" in warning
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="roles export in parallel only with 2+ cores")
+def test_a_model_the_parallel_child_cannot_import_falls_back_in_one_quiet_line(digits8, tmp_path, capfd):
+    """A user model whose module cannot be imported in a fresh process (here: its folder is gone from
+    sys.path, as with a model defined in a notebook or a script run from elsewhere)."""
+    import importlib
+    import sys
+
+    package = tmp_path / "src"
+    package.mkdir()
+    (package / "vanishing_model.py").write_text(textwrap.dedent("""\
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 8, 3, padding=1)
+                self.fc = nn.Linear(8, 10)
+
+            def forward(self, x):
+                return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        """))
+    sys.path.insert(0, str(package))
+    try:
+        module = importlib.import_module("vanishing_model")
+    finally:
+        sys.path.remove(str(package))
+    (package / "vanishing_model.py").unlink()
+    try:
+        torch.manual_seed(0)
+        model = module.Net()
+        train_briefly(model, digits8, torch.optim.Adam(model.parameters(), lr=1e-2), 1)
+        capfd.readouterr()
+        ctx = _context(tmp_path / "run", digits8, model, copy.deepcopy(model))
+        entry = StageEntry.model_validate({"export": {"formats": ["onnx"], "verify": {"samples": 32}}})
+        stage_for(entry.config).run(ctx)
+    finally:
+        sys.modules.pop("vanishing_model", None)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "No module named" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    summary = ctx.report_data["export"]
+    assert summary["parallel_roles"] is False and "No module named 'vanishing_model'" in summary["parallel_fallback"]
+    assert [(r["role"], r["status"]) for r in summary["artifacts"]] == [("teacher", "ok"), ("student", "ok")]
+    assert "Traceback" in (tmp_path / "run" / "stages" / "export" / "parallel-child.log").read_text()

@@ -24,12 +24,14 @@ from edgekd.fileio import atomic_write_json
 from edgekd.runtimes.registry import runtime_for_format
 
 
-def _verify(model: torch.nn.Module, path: Path, fmt: str, inputs: torch.Tensor, verify: VerifyConfig) -> dict[str, Any]:
+def _verify(model: torch.nn.Module, path: Path, fmt: str, inputs: torch.Tensor,
+            cfg: ExportConfig) -> dict[str, Any]:
+    verify = cfg.verify
     loaded = runtime_for_format(fmt).load(path, threads=1)
     try:
         return check_parity(model, loaded, inputs, atol=verify.atol, rtol=verify.rtol,
                             min_top1_agreement=verify.min_top1_agreement, batch_sizes=verify.batch_sizes,
-                            label=f"{path.name}")
+                            declared_max_batch=cfg.declared_max_batch(fmt), label=f"{path.name}")
     finally:
         del loaded
 
@@ -80,12 +82,12 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
         info = export_onnx(model, example, onnx_path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
                            simplify=cfg.simplify)
         if to == "ort":
-            onnx_info = dict(info, parity=_verify(model, onnx_path, "onnx", inputs, cfg.verify))
+            onnx_info = dict(info, parity=_verify(model, onnx_path, "onnx", inputs, cfg))
             atomic_write_json(onnx_path.with_name(onnx_path.name + ".json"), onnx_info)
             info = convert_to_ort(onnx_path, target, target_platform=cfg.ort_target_platform)
             info["mobile_usability"] = mobile_usability(onnx_path)
     try:
-        info["parity"] = _verify(model, target, to, inputs, cfg.verify)
+        info["parity"] = _verify(model, target, to, inputs, cfg)
     except EdgekdError as exc:
         atomic_write_json(target.with_name(target.name + ".json"),
                           dict(info, status="failed", error=exc.message, parity_inputs=inputs_note,

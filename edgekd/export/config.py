@@ -95,3 +95,9 @@ class ExportConfig(StrictModel):
 
     def ordered_formats(self) -> list[ExportFormat]:
         return [f for f in FORMAT_ORDER if f in self.formats]
+
+    def declared_max_batch(self, fmt: str) -> int | None:
+        """The largest batch a ``fmt`` file is exported to take (None: any)."""
+        if not self.dynamic_batch:
+            return 1
+        return self.pte_max_batch if fmt == "pte" else None

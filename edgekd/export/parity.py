@@ -19,6 +19,7 @@ number.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -91,17 +92,31 @@ def _tile(inputs: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def check_batch_sizes(reference: nn.Module, loaded: LoadedModel, inputs: torch.Tensor, batch_sizes: Iterable[int],
-                      *, atol: float, rtol: float, label: str) -> list[dict[str, Any]]:
+                      *, atol: float, rtol: float, label: str,
+                      declared_max_batch: int | None = None) -> list[dict[str, Any]]:
     """Run each batch size as ONE call of the artifact and of ``reference`` (eval mode, CPU) and compare.
 
-    Batch sizes above the artifact's ``max_batch`` are recorded as skipped. Raises ``StageError``
-    when the artifact fails at a batch size, ``ParityError`` when it runs but its shape or numbers
-    differ. Returns one row per batch size (``batch``, ``max_abs_diff``, ``max_rel_diff``, ...).
+    ``declared_max_batch``: the largest batch the export asked for (None: any). Batch sizes above it
+    are recorded as skipped; one within it that the artifact's own ``max_batch`` refuses means the
+    exporter narrowed the batch range (it specialised the batch axis), a ``StageError``. Raises
+    ``StageError`` when the artifact fails at a batch size, ``ParityError`` when it runs but its
+    shape or numbers differ. Returns one row per batch size (``batch``, ``max_abs_diff``, ...).
     """
     rows: list[dict[str, Any]] = []
-    for batch in sorted({int(b) for b in batch_sizes if int(b) >= 1}):
-        if loaded.max_batch is not None and batch > loaded.max_batch:
-            rows.append({"batch": batch, "skipped": f"above the artifact's largest batch ({loaded.max_batch})"})
+    sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1})
+    narrowed = None
+    if loaded.max_batch is not None and loaded.max_batch < (declared_max_batch or sys.maxsize):
+        narrowed = (f"it accepts batches of at most {loaded.max_batch}"
+                    + (f" although it was exported for up to {declared_max_batch}" if declared_max_batch else "")
+                    + ": the exporter fixed the batch size (a split, chunk or reshape whose sizes were computed "
+                    "from the example batch)")
+        needed = [b for b in sizes if loaded.max_batch < b <= (declared_max_batch or sys.maxsize)]
+        if needed:
+            raise StageError(f"{label} cannot run batch {needed[0]} ({loaded.runtime}): {narrowed}",
+                             hint="compute such sizes from x.shape at run time, or use a format that passed")
+    for batch in sizes:
+        if declared_max_batch is not None and batch > declared_max_batch:
+            rows.append({"batch": batch, "skipped": f"above the largest batch exported for ({declared_max_batch})"})
             continue
         x = _tile(inputs, batch)
         with eval_on_cpu(reference) as ref, torch.no_grad():
@@ -109,7 +124,8 @@ def check_batch_sizes(reference: nn.Module, loaded: LoadedModel, inputs: torch.T
         try:
             got = loaded.run(x.numpy())
         except StageError as exc:
-            raise StageError(f"{label} fails at batch {batch} ({loaded.runtime}): {exc.message}",
+            raise StageError(f"{label} fails at batch {batch} ({loaded.runtime}): {exc.message}"
+                             + (f"; {narrowed}" if narrowed else ""),
                              hint="the artifact cannot run a batch size it will be used at; other formats are "
                              "unaffected" + (f" ({exc.hint})" if exc.hint else "")) from exc
         row = {"batch": batch, **compare_logits(expected, got, atol=atol, rtol=rtol)}
@@ -124,7 +140,7 @@ def check_batch_sizes(reference: nn.Module, loaded: LoadedModel, inputs: torch.T
 
 def check_parity(reference: nn.Module, loaded: LoadedModel, inputs: torch.Tensor, *, atol: float,
                  min_top1_agreement: float, label: str, rtol: float = 0.0, batch_size: int = 64,
-                 batch_sizes: Iterable[int] = ()) -> dict[str, Any]:
+                 batch_sizes: Iterable[int] = (), declared_max_batch: int | None = None) -> dict[str, Any]:
     """Run ``inputs`` through the PyTorch ``reference`` and the ``loaded`` artifact and compare, then
     run each of ``batch_sizes`` as a single call (``check_batch_sizes``).
 
@@ -151,5 +167,6 @@ def check_parity(reference: nn.Module, loaded: LoadedModel, inputs: torch.Tensor
             hint="differences of a few percent of the logits mean the export changed the model (a layer in "
                  "training mode, an unsupported op); if they are float rounding, loosen export.verify.rtol "
                  "(relative to each sample's largest logit) or export.verify.atol")
-    result["batches"] = check_batch_sizes(reference, loaded, inputs, batch_sizes, atol=atol, rtol=rtol, label=label)
+    result["batches"] = check_batch_sizes(reference, loaded, inputs, batch_sizes, atol=atol, rtol=rtol, label=label,
+                                          declared_max_batch=declared_max_batch)
     return result

@@ -196,6 +196,7 @@ def export_and_verify(job: ExportJob, fmt: ExportFormat, x_val: torch.Tensor) ->
             artifact.info["parity"] = check_parity(
                 job.model, loaded, x_val, atol=verify.atol, rtol=verify.rtol,
                 min_top1_agreement=verify.min_top1_agreement, batch_sizes=job.batch_sizes,
+                declared_max_batch=job.config.declared_max_batch(fmt),
                 label=f"the {job.role}'s .{fmt} ({artifact.path.name})")
         finally:
             del loaded  # an ExecuTorch model pins its thread pool while alive
