@@ -37,11 +37,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def whole_cause(exc: BaseException, limit: int = 3000) -> str:
-    """An exception's WHOLE message (blank lines dropped, lines indented under the first), for an
-    artifact that failed: exporters put the operator and the user's source line after the first
-    line ("mismatched dtypes:" / "Operator: aten.abs ... complex64" / "File ..., line 218")."""
-    lines = [line.rstrip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = "\n    ".join(lines) or type(exc).__name__
+    """An exception's WHOLE message on one line (its lines joined by " | ", runs of spaces collapsed),
+    for an artifact that failed: exporters put the operator and the user's source line after the
+    first line ("mismatched dtypes:" | "Operator: aten.abs ... complex64" | "File ..., line 218")."""
+    lines = [" ".join(line.split()) for line in str(exc).strip().splitlines() if line.strip()]
+    text = " | ".join(lines) or type(exc).__name__
     if len(text) > limit:
         text = text[:limit] + f" ... ({len(text) - limit} more characters)"
     return f"{type(exc).__name__}: {text}"

@@ -366,9 +366,14 @@ class ExportStage(Stage[ExportConfig]):
         error = next((outcome.error for outcome in ordered if outcome.error is not None), None)
         if error is not None:
             raise error
+        printed: dict[tuple[str, str], str] = {}  # (fmt, cause with the role blanked) -> the role printed
         for failed in summary["failed"]:
-            console.print(f"  [yellow]warning:[/] the {failed['role']}'s .{failed['fmt']} failed and is not shipped "
-                          f"(the other formats carry on): {failed['error']}", highlight=False, soft_wrap=True)
+            role, fmt, cause = failed["role"], failed["fmt"], failed["error"] or ""
+            same = printed.get((fmt, cause.replace(role, "<role>")))
+            why = f"for the same reason as the {same}'s" if same else f"(the other formats carry on): {cause}"
+            console.print(f"  [yellow]warning:[/] the {role}'s .{fmt} failed and is not shipped {why}",
+                          highlight=False, soft_wrap=True)
+            printed.setdefault((fmt, cause.replace(role, "<role>")), role)
         if not any(a.status == "ok" for outcome in ordered for a in outcome.artifacts):
             raise StageError("no artifact could be exported:\n  " + "\n  ".join(
                 f"{f['role']} .{f['fmt']}: {f['error']}" for f in summary["failed"]),
