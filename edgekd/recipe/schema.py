@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgekd.bench.config import BenchmarkConfig, GateConfig
 from edgekd.data.config import DataConfig
@@ -62,6 +62,11 @@ class StudentConfig(StrictModel):
     def _one_source(self) -> StudentConfig:
         if (self.from_ is None) == (self.model is None and self.factory is None):
             raise ValueError("give either 'from: teacher' or a 'model'/'factory' for the student")
+        if self.from_ is None:  # the same rules as the teacher's model/factory, checked now, not at build time
+            try:
+                self.spec()
+            except ValidationError as exc:
+                raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return self
 
     _kwargs_from_data = field_validator("kwargs")(classmethod(lambda cls, v: _refuse_data_kwargs(v)))

@@ -131,12 +131,36 @@ class _Walker:
         return size
 
 
+def _first_deep_line(text: str) -> int | None:
+    """The line where flow brackets first nest deeper than ``MAX_DEPTH`` (comments and quoted text
+    skipped), or None."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        quote = None
+        for i, char in enumerate(line):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+                break
+            else:
+                depth += (char in "[{") - (char in "]}")
+                if depth > MAX_DEPTH:
+                    return number
+    return None
+
+
 def _reader_error_line(text: str, exc: yaml.reader.ReaderError) -> int:
     return text[: exc.position].count("\n") + 1
 
 
 def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     """Return (data, {key path: 1-based line}); every problem is a ``RecipeError`` naming a line."""
+    deep = _first_deep_line(text)
+    if deep is not None:  # refuse before the parser recurses once per level (seconds for thousands)
+        raise RecipeError(f"brackets nest more than {MAX_DEPTH} levels deep", file=file, line=deep,
+                          hint="check the brackets: a recipe's values nest a few levels")
     loader = None
     try:
         loader = RecipeLoader(text)  # its reader checks every character here
@@ -161,7 +185,7 @@ def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
         raise RecipeError(f"invalid YAML: {exc}".splitlines()[0], file=file) from exc
     except RecursionError:  # the parser itself recurses once per nesting level
         raise RecipeError(f"nested too deeply to parse (a recipe nests a few levels; at most {MAX_DEPTH})",
-                          file=file, hint="check the brackets: thousands of '[' open nested lists") from None
+                          file=file, hint="check the brackets and indentation") from None
     finally:
         if loader is not None:
             loader.dispose()
