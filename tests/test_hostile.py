@@ -176,7 +176,7 @@ HOSTILE_RECIPES = {
     "sequence key": (b"? [a, b]\n: 1\nname: x\n", "a key must be a plain name, not a list", 1),
     "mapping key": (b"name: x\n{a: 1}: 2\n", "a key must be a plain name, not a mapping", 2),
     "deep nesting": (b"name: x\nteacher:\n  kwargs:\n    deep: " + b"[" * 3000 + b"]" * 3000 + b"\n",
-                     "nest more than 32 levels", 3),
+                     "nest more than 32 levels", 4),
     "empty": (b"", "the recipe is empty", 1),
     "only comments": (b"# a comment\n\n   \n# another\n", "the recipe is empty", 1),
     "yaml 1.1 sexagesimal": (QUICKSTART.replace(b"epochs: 4  #", b"epochs: 1:30  #"), "integer", 15),
