@@ -61,10 +61,20 @@ def fold_weight_norm(model: nn.Module) -> list[str]:
                     cls = type(module)
                     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
                     parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+                    _drop_compat_hooks(module)
                     folded.append(name if param == "weight" else f"{name}.{param}")
     if folded:
         record_transform(model, FOLD_WEIGHT_NORM)
     return folded
+
+
+def _drop_compat_hooks(module: nn.Module) -> None:
+    """The parametrization form leaves a load-state-dict hook (a local function: it cannot be
+    pickled into export's child process) that only renames old ``weight_g``/``weight_v`` keys."""
+    hooks = module._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items()
+                if getattr(getattr(h, "hook", h), "__name__", "") == "_weight_norm_compat_hook"]:
+        del hooks[key]
 
 
 def record_transform(model: nn.Module, name: str) -> None:

@@ -518,6 +518,24 @@ def _all_groups(dg, root_types):
         yield group
 
 
+def _is_output_head(plan: PruningPlan, module: nn.Module) -> bool:
+    """A layer as wide as the classifier whose outputs no other traced layer reads (an auxiliary
+    classifier): torch-pruning never cuts a model output."""
+    node = plan.pruner.DG.module2node.get(module)
+    if node is None:
+        return False
+    frontier, seen = list(node.outputs), set()
+    while frontier:
+        nxt = frontier.pop()
+        if nxt in seen:
+            continue
+        seen.add(nxt)
+        if isinstance(nxt.module, WIDTH_LAYERS):
+            return False
+        frontier.extend(nxt.outputs)
+    return True
+
+
 def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: PruningPlan,
                     ratio: float) -> list[dict[str, str | int]]:
     """Every prunable layer left at full width, or cut less than ``ratio`` asked, with the reason.
@@ -535,9 +553,11 @@ def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: Pruni
         asked = old * (1 - ratio)
         if ratio <= 0 or new < asked + max(1.0, 0.5 * multiple):
             continue  # cut as asked (within one rounding step)
-        reason = plan.reasons.get(name)
+        reason = plan.reasons.get(name) or plan.reasons.get(name.removeprefix("model."))
+        module = modules.get(name) or modules.get(f"model.{name}")
+        if reason is None and new == old and module is not None and _is_output_head(plan, module):
+            reason = "an output head (its outputs are the classes, like the classifier's)"
         if reason is None:
-            module = modules.get(name) or modules.get(f"model.{name}")
             groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
             if old <= multiple:
                 reason = f"round_to {multiple}: {old} channels is already one multiple"
