@@ -32,6 +32,7 @@ from edgekd.export.prepare import eval_on_cpu
 from edgekd.models.adapter import logits_of
 from edgekd.models.evaluate import predict_logits
 from edgekd.runtimes.base import LoadedModel
+from edgekd.runtimes.native_log import filtered_native_stderr
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, *, name: str = "logits", atol: float = 0.0,
@@ -85,6 +86,24 @@ def _describe(row: dict[str, Any], atol: float, rtol: float, min_top1: float | N
             f"top-1 agreement {100 * row['top1_agreement']:.2f}%{top1}")
 
 
+def _run_explained(loaded: LoadedModel, call):
+    """``call()`` with native stderr captured: a runtime that fails explains itself on fd 2 (ExecuTorch:
+    "Attempted to resize a static tensor. Expected shape (2, 32, 16, 16) ..."), so those lines go
+    into the error instead of onto the terminal; after a success they are written out as usual."""
+    native: list[str] = []
+    try:
+        with filtered_native_stderr(sink=native):
+            result = call()
+    except StageError as exc:
+        if not native:
+            raise
+        raise StageError(f"{exc.message} (native log: {' | '.join(line.strip() for line in native)})",
+                         hint=exc.hint) from exc
+    if native:
+        sys.stderr.write("\n".join(native) + "\n")
+    return result
+
+
 def _tile(inputs: torch.Tensor, batch: int) -> torch.Tensor:
     """The first ``batch`` samples, repeating the inputs when there are fewer."""
     reps = -(-batch // len(inputs))
@@ -122,7 +141,7 @@ def check_batch_sizes(reference: nn.Module, loaded: LoadedModel, inputs: torch.T
         with eval_on_cpu(reference) as ref, torch.no_grad():
             expected = logits_of(ref(x)).float().numpy()
         try:
-            got = loaded.run(x.numpy())
+            got = _run_explained(loaded, lambda x=x: loaded.run(x.numpy()))
         except StageError as exc:
             raise StageError(f"{label} fails at batch {batch} ({loaded.runtime}): {exc.message}"
                              + (f"; {narrowed}" if narrowed else ""),
@@ -152,7 +171,7 @@ def check_parity(reference: nn.Module, loaded: LoadedModel, inputs: torch.Tensor
     inputs = inputs.detach().cpu().float().contiguous()
     with eval_on_cpu(reference) as ref, torch.no_grad():
         expected = predict_logits(ref, inputs, batch_size=batch_size, device=torch.device("cpu")).numpy()
-    got = loaded.run_in_batches(inputs.numpy(), batch_size)
+    got = _run_explained(loaded, lambda: loaded.run_in_batches(inputs.numpy(), batch_size))
     row = compare_logits(expected, got, atol=atol, rtol=rtol)
     passed = row["finite"] and row["within_tolerance"] and row["top1_agreement"] >= min_top1_agreement
     result = {"label": label, "runtime": loaded.runtime, "samples": int(len(inputs)), "atol": atol, "rtol": rtol,

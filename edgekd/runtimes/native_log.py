@@ -22,8 +22,11 @@ EXECUTORCH_CHATTER = re.compile(r"^\[(cpuinfo_utils|threadpool)\.cpp:\d+\] ")
 
 
 @contextmanager
-def filtered_native_stderr(chatter: re.Pattern[str] = EXECUTORCH_CHATTER) -> Iterator[None]:
-    """Capture fd 2 while the block runs; re-emit every line that ``chatter`` does not match."""
+def filtered_native_stderr(chatter: re.Pattern[str] = EXECUTORCH_CHATTER,
+                           sink: list[str] | None = None) -> Iterator[None]:
+    """Capture fd 2 while the block runs; re-emit every line that ``chatter`` does not match, or,
+    with ``sink``, append those lines to it instead (the caller puts them into an error message:
+    "[tensor_impl.cpp:135] Attempted to resize a static tensor ..." says more than "error 0x10")."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
@@ -42,6 +45,8 @@ def filtered_native_stderr(chatter: re.Pattern[str] = EXECUTORCH_CHATTER) -> Ite
             capture.seek(0)
             text = capture.read().decode("utf-8", errors="replace")
             kept = [line for line in text.splitlines(keepends=True) if not chatter.match(line)]
-            if kept:
+            if sink is not None:
+                sink.extend(line.rstrip("\n") for line in kept)
+            elif kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
