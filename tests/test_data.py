@@ -14,7 +14,7 @@ from edgekd.errors import DataError
 def test_digits_resized_and_normalised():
     b = load_data(DigitsData(dataset="digits", image_size=12), seed=0)
     assert b.input_shape == (1, 12, 12) and b.num_classes == 10
-    assert len(b.train) + len(b.val) == 1797
+    assert len(b.train) + len(b.val) + len(b.test) == 1797
     assert abs(float(b.train_x.mean())) < 1e-3 and abs(float(b.train_x.std()) - 1) < 1e-2
     assert b.train_x.is_contiguous()
 
@@ -43,16 +43,40 @@ def test_split_is_deterministic_and_stratified():
     assert not set(tr1) & set(va1)
 
 
-def test_mnist1d_official_split_offline():
-    b = load_data(Mnist1dData(dataset="mnist1d", num_samples=1000))
-    assert b.input_shape == (1, 40) and len(b.train) == 800 and len(b.val) == 200
+def test_three_splits_disjoint_stratified_and_fixed_by_seed():
+    def rows(split):
+        return {tuple(r.flatten().tolist()) for r in split.tensors[0]}
+
+    cfg = DigitsData(dataset="digits", image_size=8, val_fraction=0.15, test_fraction=0.2)
+    a, b, c = load_data(cfg, seed=0), load_data(cfg, seed=0), load_data(cfg, seed=1)
+    assert (len(a.train), len(a.val), len(a.test)) == (1169, 269, 359)
+    assert not rows(a.train) & rows(a.val) and not rows(a.train) & rows(a.test) and not rows(a.val) & rows(a.test)
+    assert torch.equal(a.test.tensors[1], b.test.tensors[1]) and torch.equal(a.test_tensors()[0], b.test_tensors()[0])
+    assert rows(a.test) != rows(c.test)  # the seed picks the split
+    assert set(np.bincount(a.test.tensors[1].numpy())) <= {35, 36, 37}  # every class ~20%
+    # a larger val never moves a test sample
+    raw = cfg.model_copy(update={"normalize": False})  # normalisation follows the training split
+    wider = load_data(raw.model_copy(update={"val_fraction": 0.25}), seed=0)
+    assert rows(wider.test) == rows(load_data(raw, seed=0).test) and len(wider.val) > len(a.val)
+    assert a.describe()["test_samples"] == 359
+
+
+def test_split_fractions_must_leave_training_data():
+    with pytest.raises(ValueError, match="to train on"):
+        DigitsData(dataset="digits", val_fraction=0.5, test_fraction=0.4)
+
+
+def test_mnist1d_official_test_split_offline():
+    b = load_data(Mnist1dData(dataset="mnist1d", num_samples=1000, val_fraction=0.25))
+    assert b.input_shape == (1, 40) and len(b.test) == 200  # the official 20% test split
+    assert len(b.train) + len(b.val) == 800 and abs(len(b.val) - 200) <= 5  # val held out of the official training split
 
 
 def test_npz_source(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3, 4)).astype(np.float32), y=np.arange(60) % 3)
-    b = load_data(NpzData(dataset="npz", path=tmp_path / "d.npz", val_fraction=0.2))
-    assert b.input_shape == (3, 4) and b.num_classes == 3 and len(b.val) == 12
+    b = load_data(NpzData(dataset="npz", path=tmp_path / "d.npz", val_fraction=0.2, test_fraction=0.2))
+    assert b.input_shape == (3, 4) and b.num_classes == 3 and len(b.val) == 12 and len(b.test) == 12
     np.savez(tmp_path / "bad.npz", features=np.zeros((4, 2)))
     with pytest.raises(DataError, match="no array named x"):
         load_data(NpzData(dataset="npz", path=tmp_path / "bad.npz"))
@@ -70,12 +94,14 @@ def test_imagefolder_source(tmp_path):
             Image.fromarray((img * 15).astype(np.uint8)).save(folder / f"{i}.png")
     (tmp_path / "class0" / "notes.txt").write_text("ignored")
     b = load_data(ImageFolderData(dataset="imagefolder", path=tmp_path, image_size=16, channels=1))
-    assert b.input_shape == (1, 16, 16) and b.num_classes == 2 and len(b.train) + len(b.val) == 20
+    assert b.input_shape == (1, 16, 16) and b.num_classes == 2 and len(b.train) + len(b.val) + len(b.test) == 20
 
 
 def test_factory_source():
-    b = load_data(FactoryData(dataset="factory", factory="tests.factories:digits_datasets", kwargs={"n": 200}))
-    assert b.input_shape == (64,) and len(b.train) == 150 and len(b.val) == 50
+    # two datasets: (train, test); val is held out of train
+    b = load_data(FactoryData(dataset="factory", factory="tests.factories:digits_datasets", kwargs={"n": 200},
+                              val_fraction=0.2))
+    assert b.input_shape == (64,) and len(b.test) == 50 and len(b.train) + len(b.val) == 150 and len(b.val) >= 20
 
 
 def test_calibration_batch_from_train_split(digits8):

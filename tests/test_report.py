@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
 name: bench-report
 seed: 0
-data: {dataset: digits, image_size: 8, batch_size: 64, val_fraction: 0.2}
+data: {dataset: digits, image_size: 8, batch_size: 64, val_fraction: 0.15, test_fraction: 0.2}
 teacher: {model: mlp, kwargs: {hidden: 64}, train: {epochs: 3}}
 student: {model: mlp, kwargs: {hidden: 4, depth: 1}}
 stages:
@@ -85,17 +85,23 @@ def test_report_json_holds_the_benchmark_of_every_installed_runtime(run):
     for c in report.comparisons:
         assert c.teacher_p50_ms > 0 and c.p50_ms > 0 and c.speedup > 0
         assert c.setting.startswith(f"measured latency on {c.runtime}, 1 thread, batch ")
-    teacher_acc = report.teacher["val_accuracy"]
-    for m in bench.models:  # every runtime scored both models on the whole validation split
-        assert m.accuracy.samples == report.data["val_samples"]
+    teacher_acc = report.teacher["test_accuracy"]
+    for m in bench.models:  # every runtime scored both models on the whole test split
+        assert m.accuracy.samples == report.data["test_samples"] != report.data["val_samples"]
         if m.role == "teacher":  # exported teachers agree with the PyTorch teacher
             assert m.accuracy.top1_pct == pytest.approx(teacher_acc, abs=0.5) and m.accuracy.agreement_pct > 99
         assert m.file_bytes > 0 and m.params > 0 and m.macs > 0
     assert {t.threads for t in bench.timings if t.gflops} == {1} and bench.peaks[0].gflops > 0
     assert report.machine["isa"] and report.machine_summary
     assert report.gate is not None and not report.gate.passed and report.gate.worst.drop > 0
+    assert report.gate.worst.split == "test" and "on the test split" in report.gate.message
+    assert report.accuracy_splits["benchmark.accuracy"] == "test" and report.accuracy_splits["gate"] == "test"
+    assert all(d.split == "test" for d in report.accuracy_drops)
     stages = [row.stage for row in report.ledger]
     assert stages == ["teacher", "distill", "export"] and "onnx max|Δ|" in report.ledger[-1].parity
+    # every PyTorch ledger row carries both splits; the teacher's test figure is the benchmark's
+    assert all(row.val_accuracy is not None and row.test_accuracy is not None for row in report.ledger[:2])
+    assert report.ledger[0].test_accuracy == pytest.approx(teacher_acc)
     assert (out / "artifacts" / "student.pt").is_file()  # the torch runtime's portable checkpoint
 
 
@@ -146,6 +152,23 @@ def test_gate_passes_or_raises_exit_code_3(run):
     with pytest.raises(GateFailedError) as info:
         check_gate(report, GateConfig(max_accuracy_drop=max(0.0, worst.drop - 0.5)))
     assert info.value.exit_code == 3 and "accuracy gate failed" in str(info.value)
+
+
+def test_gate_reads_only_the_test_split():
+    from edgekd.report.gate import evaluate_gate
+    from edgekd.report.schema import AccuracyDrop
+
+    def drop(split: str, student: float) -> AccuracyDrop:
+        return AccuracyDrop(runtime="torch", model="student", teacher_top1_pct=98.0, top1_pct=student,
+                            drop=98.0 - student, basis="test", split=split)
+
+    val_only = Report(generated="now", run_dir="run", name="r", accuracy_drops=[drop("val", 97.9)])
+    verdict = evaluate_gate(val_only, 1.0)
+    assert not verdict.passed and "test split" in verdict.message  # a val figure never passes the gate
+    # a small drop on val does not hide a large one on test
+    both = Report(generated="now", run_dir="run", name="r", accuracy_drops=[drop("val", 97.9), drop("test", 96.0)])
+    verdict = evaluate_gate(both, 1.0)
+    assert not verdict.passed and verdict.worst.split == "test" and verdict.worst.drop == pytest.approx(2.0)
 
 
 def test_deployed_student_is_the_shipped_int8_file_when_quantize_shipped_one():

@@ -3,8 +3,8 @@
 Runs after the recipe's stages. For each runtime it takes the run's artifacts of that runtime's
 format (the export and quantize stages make them: ``teacher.onnx``, ``student.ort``,
 ``student.int8.onnx``, ...); the torch runtime runs portable checkpoints, which this stage
-writes to ``artifacts/<role>.pt`` when no stage did. Accuracy is scored on the validation split
-against the PyTorch teacher's logits. Everything goes to ``benchmark.json`` in the run
+writes to ``artifacts/<role>.pt`` when no stage did. Accuracy is scored on the test split (which no
+decision of the run read; the gate judges these figures) against the PyTorch teacher's logits. Everything goes to ``benchmark.json`` in the run
 directory, and a summary to ``report_data["benchmark"]``.
 """
 
@@ -27,6 +27,8 @@ from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.runtimes.registry import RUNTIMES
 
 BENCHMARK_FILE = "benchmark.json"
+#: the data split every accuracy figure of the benchmark is measured on
+ACCURACY_SPLIT = "test"
 ROLES: tuple[str, ...] = ("teacher", "student")
 PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 
@@ -88,7 +90,7 @@ def summarize(result: BenchmarkResult) -> dict[str, Any]:
                      "p50_ms": round(t.latency.p50_ms, 4), "speedup_vs_teacher": t.speedup_vs_teacher})
     accuracy = [{"runtime": m.runtime, "model": m.label, "top1_pct": m.accuracy.top1_pct,
                  "agreement_pct": m.accuracy.agreement_pct} for m in result.models if m.accuracy is not None]
-    return {"file": BENCHMARK_FILE, "latency_p50": rows, "accuracy": accuracy,
+    return {"file": BENCHMARK_FILE, "latency_p50": rows, "accuracy": accuracy, "accuracy_split": ACCURACY_SPLIT,
             "notes": [n.message for n in result.notes]}
 
 
@@ -99,17 +101,17 @@ class BenchmarkStage(Stage[BenchmarkConfig]):
     def run(self, ctx: RunContext) -> None:
         cfg = self.config
         console = Console(stderr=True)
-        x_val, y_val = ctx.data.val_tensors(cfg.accuracy_samples)
+        x_test, y_test = ctx.data.test_tensors(cfg.accuracy_samples)
         example = ctx.data.example_batch(1)
         counts: dict[str, tuple[int, int]] = {}
         for role in ROLES:
             model = getattr(ctx, role)
             device = next(model.parameters()).device
             counts[role] = count_params_macs(model, example.to(device))
-        reference = predict_logits(ctx.teacher, x_val).numpy()
+        reference = predict_logits(ctx.teacher, x_test).numpy()
         inputs = BenchInputs(
-            x=x_val.numpy(), labels=y_val.numpy().astype(np.int64), reference_logits=reference,
-            description=f"real validation samples of {ctx.data.name} (repeated to fill a batch when fewer)",
+            x=x_test.numpy(), labels=y_test.numpy().astype(np.int64), reference_logits=reference,
+            description=f"real test-split samples of {ctx.data.name} (repeated to fill a batch when fewer)",
             reference_description="the PyTorch teacher (eager, FP32) on the same samples")
         notes: list[Note] = []
         groups = []

@@ -1,4 +1,4 @@
-"""A loaded dataset split into train and validation, with the loaders every stage uses."""
+"""A loaded dataset split into train, validation and test, with the loaders every stage uses."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from edgekd.errors import DataError
 
 @dataclass
 class DataBundle:
-    """In-memory train/validation tensors (edge-sized datasets fit in memory).
+    """In-memory train/val/test tensors (edge-sized datasets fit in memory).
 
     ``x`` tensors are float32, normalised and contiguous; ``y`` are int64 class indices.
-    ``input_shape`` is the shape of one sample, e.g. ``(1, 32, 32)`` or ``(1, 40)``.
+    ``input_shape`` is the shape of one sample, e.g. ``(1, 32, 32)`` or ``(1, 40)``. ``val`` serves
+    decisions (best epoch, tolerances, searches); ``test`` only reported figures. ``test`` is None
+    only for a bundle built by hand (``load_data`` always holds one out).
     """
 
     train: TensorDataset
@@ -26,9 +28,13 @@ class DataBundle:
     name: str = "data"
     #: per-channel mean/std subtracted/divided before the model; deployed models expect the same
     normalization: dict[str, list[float]] | None = None
+    test: TensorDataset | None = None
 
     def describe(self) -> dict:
         return {"dataset": self.name, "train_samples": len(self.train), "val_samples": len(self.val),
+                "test_samples": len(self.test) if self.test is not None else 0,
+                "splits": {"val": "decisions: best epoch, early stopping, quantize tolerance, prune search",
+                           "test": "reported accuracy and the gate"},
                 "num_classes": self.num_classes, "input_shape": list(self.input_shape),
                 "normalization": self.normalization}
 
@@ -70,6 +76,20 @@ class DataBundle:
 
     def val_tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.val_x, self.val_y
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        return x.contiguous(), y
+
+    @property
+    def has_test(self) -> bool:
+        return self.test is not None and len(self.test) > 0
+
+    def test_tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the test split (the first ``limit`` samples): for reported figures only."""
+        if self.test is None:
+            raise DataError(f"the {self.name} data has no test split",
+                            hint="load it with edgekd.data.load_data, which holds one out")
+        x, y = self.test.tensors
         if limit is not None:
             x, y = x[:limit], y[:limit]
         return x.contiguous(), y

@@ -5,15 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgekd.recipe.base import StrictModel
 
 
 class _Common(StrictModel):
+    """Three splits, stratified by class and fixed by the recipe's seed: train (fits weights), val (every
+    decision: best epoch, early stopping, quantize tolerance, prune search) and test (every reported
+    figure and the gate). A source with its own test split (MNIST-1D, a factory) keeps it as test."""
+
     batch_size: int = Field(64, ge=1, description="training batch size")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of samples held out, stratified by class")
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0,
+                                description="share of the samples (of the training split, for a source with its own "
+                                            "test split) held out for decisions, stratified by class")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0,
+                                 description="share of the samples held out for the reported figures and the gate, "
+                                             "stratified by class; ignored by a source with its own test split")
     normalize: bool = Field(True, description="standardise inputs with the training split's per-channel mean/std")
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> _Common:
+        if self.val_fraction + self.test_fraction > 0.8:
+            raise ValueError(f"val_fraction {self.val_fraction:g} + test_fraction {self.test_fraction:g} leave "
+                             f"under 20% of the samples to train on; lower them")
+        return self
 
 
 class DigitsData(_Common):
@@ -24,7 +40,8 @@ class DigitsData(_Common):
 
 
 class Mnist1dData(_Common):
-    """MNIST-1D (Greydanus 2020), generated offline from its templates; uses the official split."""
+    """MNIST-1D (Greydanus 2020), generated offline from its templates; its official test split is the test
+    split, and val is held out of its training split."""
 
     dataset: Literal["mnist1d"]
     num_samples: int = Field(5000, ge=100, description="samples generated (the official split keeps 20% for test)")
@@ -49,7 +66,8 @@ class ImageFolderData(_Common):
 
 
 class FactoryData(_Common):
-    """A user function ``package.module:function`` returning (train, val) datasets of (x, y)."""
+    """A user function ``package.module:function`` returning datasets of (x, y): ``(train, test)`` (val is then
+    held out of train) or ``(train, val, test)``."""
 
     dataset: Literal["factory"]
     factory: str = Field(..., pattern=r"^[\w.]+:\w+$", description="package.module:function")

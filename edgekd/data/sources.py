@@ -1,12 +1,13 @@
 """Turn a data config into raw arrays. One function per source type, picked by type.
 
-Each loader returns ``(x_train, y_train, x_val, y_val)`` as numpy float32 / int64, or
-``(x, y, None, None)`` when the source has no official split (the caller splits it).
+Each loader returns ``Arrays``: numpy float32 inputs and int64 labels, with the source's own
+held-out splits where it has them (the caller holds out what is missing, stratified by seed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,23 @@ import torch
 from edgekd.data.config import DigitsData, FactoryData, ImageFolderData, Mnist1dData, NpzData
 from edgekd.errors import DataError
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+Split = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Arrays:
+    """``x`` (N, ...) / ``y`` (N,): the samples to train on (and to hold val/test out of); ``test`` and
+    ``val``: the source's own (x, y) splits, None where it has none."""
+
+    x: np.ndarray
+    y: np.ndarray
+    test: Split | None = None
+    val: Split | None = None
+
+    def __iter__(self):  # (x, y, x_test, y_test), as the loaders returned before
+        test = self.test or (None, None)
+        return iter((self.x, self.y, *test))
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -53,7 +70,7 @@ def load_digits_arrays(cfg: DigitsData) -> Arrays:
         bunch = load_digits()
         images, target = bunch.images, bunch.target
     x = (images.astype(np.float32) / 16.0)[:, None]
-    return _resize(x, cfg.image_size), target.astype(np.int64), None, None
+    return Arrays(_resize(x, cfg.image_size), target.astype(np.int64))
 
 
 def load_mnist1d_arrays(cfg: Mnist1dData) -> Arrays:
@@ -63,8 +80,8 @@ def load_mnist1d_arrays(cfg: Mnist1dData) -> Arrays:
     args = get_dataset_args()
     args.num_samples = cfg.num_samples
     d = make_dataset(args)
-    return (d["x"].astype(np.float32)[:, None], d["y"].astype(np.int64),
-            d["x_test"].astype(np.float32)[:, None], d["y_test"].astype(np.int64))
+    return Arrays(d["x"].astype(np.float32)[:, None], d["y"].astype(np.int64),
+                  test=(d["x_test"].astype(np.float32)[:, None], d["y_test"].astype(np.int64)))
 
 
 def load_npz_arrays(cfg: NpzData) -> Arrays:
@@ -82,7 +99,7 @@ def load_npz_arrays(cfg: NpzData) -> Arrays:
         raise DataError(f"{cfg.path}: labels must be integers, got {y.dtype}")
     if x.ndim == 2:  # (N, L) signals get a channel axis
         x = x[:, None]
-    return x, y.astype(np.int64), None, None
+    return Arrays(x, y.astype(np.int64))
 
 
 def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
@@ -110,7 +127,7 @@ def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
             labels.append(label)
     if not images:
         raise DataError(f"no images found under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), None, None
+    return Arrays(np.stack(images), np.asarray(labels, dtype=np.int64))
 
 
 def _to_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -131,10 +148,12 @@ def load_factory_arrays(cfg: FactoryData) -> Arrays:
         raise
     except Exception as exc:
         raise DataError(f"data factory {cfg.factory} failed: {exc}") from exc
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise DataError(f"data factory {cfg.factory} must return (train_dataset, val_dataset)")
-    (xt, yt), (xv, yv) = _to_arrays(result[0]), _to_arrays(result[1])
-    return xt, yt, xv, yv
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
+        raise DataError(f"data factory {cfg.factory} must return (train, test) or (train, val, test) datasets",
+                        hint="val is held out of train (data.val_fraction) when the factory gives two")
+    splits = [_to_arrays(d) for d in result]
+    x, y = splits[0]
+    return Arrays(x, y, test=splits[-1], val=splits[1] if len(splits) == 3 else None)
 
 
 LOADERS: dict[type, Callable[..., Arrays]] = {

@@ -11,16 +11,40 @@ from torch import Tensor, nn
 
 
 # -- logits: Hinton et al. 2015 --------------------------------------------------------------------
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Per-sample z-score over the classes (Sun et al. 2024, "Logit Standardization in Knowledge
+    Distillation"): the soft targets then depend on the ranking and relative gaps of the logits, not
+    on their scale, so a teacher with large logits (std 5-20) no longer gives near-one-hot targets
+    and a student is not pushed to match the teacher's logit magnitude."""
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + eps)
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over the samples with a label (label -1: an input without one); 0 when none has."""
+    known = labels >= 0
+    if bool(known.all()):
+        return F.cross_entropy(logits.float(), labels)
+    if not bool(known.any()):
+        return logits.float().sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
+    return F.cross_entropy(logits.float()[known], labels[known])
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float,
-            alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+            alpha: float, standardize: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha)·CE(s, y).
 
     The T² keeps the soft term's gradients the same size whatever T is (Hinton et al. 2015, §2).
+    ``standardize`` z-scores both logits first (``standardize_logits``). Samples labelled -1 have no
+    hard label: the CE term averages over the others (``masked_cross_entropy``).
     """
     t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+    s, te = student_logits.float(), teacher_logits.float()
+    if standardize:
+        s, te = standardize_logits(s), standardize_logits(te)
+    soft = F.kl_div(F.log_softmax(s / t, dim=1), F.log_softmax(te / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits.float(), labels)
+    hard = masked_cross_entropy(student_logits, labels)
     return alpha * soft + (1 - alpha) * hard, {"kd_soft": soft.detach(), "ce": hard.detach()}
 
 

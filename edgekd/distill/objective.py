@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgekd.data.bundle import DataBundle
@@ -29,6 +28,7 @@ from edgekd.distill.losses import (
     attention_loss,
     hint_loss,
     kd_loss,
+    masked_cross_entropy,
     rkd_angle,
     rkd_distance,
 )
@@ -47,10 +47,11 @@ def term_layers(term: LossTerm) -> tuple[str | None, str | None]:
 
 class DistillObjective(Objective):
     def __init__(self, teacher: nn.Module, losses: list[LossTerm], *, temperature: float = 4.0,
-                 alpha: float = 0.9, cache: bool = True, cache_max_mb: float = 1024.0) -> None:
+                 alpha: float = 0.9, cache: bool = True, cache_max_mb: float = 1024.0,
+                 standardize: bool = False) -> None:
         self.teacher = teacher
         self.losses = list(losses)
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha, self.standardize = temperature, alpha, standardize
         self.use_cache, self.cache_max_mb = cache, cache_max_mb
         self.student_layers = sorted({s for s, _ in map(term_layers, self.losses) if s is not None})
         self.teacher_layers = sorted({t for _, t in map(term_layers, self.losses) if t is not None})
@@ -69,7 +70,8 @@ class DistillObjective(Objective):
     @classmethod
     def from_config(cls, teacher: nn.Module, config: DistillConfig) -> DistillObjective:
         return cls(teacher, config.losses, temperature=config.temperature, alpha=config.alpha,
-                   cache=config.teacher_cache, cache_max_mb=config.cache_max_mb)
+                   cache=config.teacher_cache, cache_max_mb=config.cache_max_mb,
+                   standardize=config.logit_standardization)
 
     # -- set-up -------------------------------------------------------------------------------
     def inputs_vary(self) -> None:
@@ -159,14 +161,15 @@ class DistillObjective(Objective):
             total = total + term.weight * loss
             parts.update(logged)
         if not any(isinstance(t, KDTerm) for t in self.losses):
-            ce = F.cross_entropy(s_logits.float(), batch.y)
+            ce = masked_cross_entropy(s_logits, batch.y)
             total = total + ce
             parts["ce"] = ce.detach()
         return LossOutput(total=total, logits=s_logits, parts=parts)
 
     # each term: (unweighted loss, {metric name: detached value})
     def _kd(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
-        loss, logged = kd_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha)
+        loss, logged = kd_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha,
+                               standardize=self.standardize)
         return loss, logged
 
     def _hint(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
@@ -186,5 +189,6 @@ class DistillObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"objective": "distill", "temperature": self.temperature, "alpha": self.alpha,
+                "logit_standardization": self.standardize,
                 "losses": [t.model_dump() for t in self.losses], "teacher_cache": self.cache_info,
                 "adaptors": {i: type(a.proj).__name__ for i, a in self.adaptors.items()}}

@@ -15,11 +15,12 @@ from edgekd.distill.config import AttentionTerm, DistillConfig, FinetuneConfig, 
 from edgekd.distill.hooks import probe, resolve_layer
 from edgekd.distill.losses import HintAdaptor
 from edgekd.distill.objective import DistillObjective, term_layers
-from edgekd.errors import RecipeError
+from edgekd.errors import RecipeError, StageError
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
 from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.train.config import TrainConfig
+from edgekd.train.guard import at_chance
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 from edgekd.train.trainer import FitResult, fit
 
@@ -62,7 +63,10 @@ def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.
 
 def training_notes(result: FitResult, objective: Objective, config: TrainConfig) -> dict[str, Any]:
     """The ledger row's notes: how the student was trained, in a few words a report reader needs."""
-    notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch}
+    notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                             "lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip}
+    if result.start_val_accuracy is not None:
+        notes["val_at_start"] = round(result.start_val_accuracy, 2)
     if isinstance(objective, DistillObjective):
         notes["loss"] = (f"{'+'.join(term.kind for term in objective.losses)} "
                          f"(T {objective.temperature:g}, alpha {objective.alpha:g})")
@@ -71,7 +75,26 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
         notes["loss"] = "cross-entropy"
     if config.active_augment is not None:
         notes["augment"] = config.active_augment.summary()
+    if result.guard_events:
+        notes["guard"] = "; ".join(_event_text(e) for e in result.guard_events)
     return notes
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    if event["action"] == "rollback":
+        return f"epoch {event['epoch']} rolled back ({event['reason']}), peak lr {event['peak_lr']:.3g}"
+    return (f"epoch {event['epoch']}: BatchNorm statistics re-estimated (val {event['val_before']:.1f}% -> "
+            f"{event['val_after']:.1f}%)")
+
+
+def check_alive(result: FitResult, label: str, num_classes: int, guard) -> None:
+    """A student that ends training at chance is never handed on (to export, the benchmark, the gate)."""
+    if at_chance(result.best_val_accuracy, num_classes, guard.chance_margin):
+        raise StageError(
+            f"{label}: the student ended at {result.best_val_accuracy:.2f}% val top-1, chance for {num_classes} "
+            f"classes (it started at {result.start_val_accuracy if result.start_val_accuracy is not None else '?'}"
+            f"%); it is not handed on to the next stage",
+            hint="lower the pruning ratio, train more epochs, or lower lr; the stage's metrics.csv shows each epoch")
 
 
 def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective,
@@ -90,6 +113,10 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
         "objective": objective.describe(),
         "augment": config.augment.model_dump() if config.augment is not None else None,
         "history": result.history,
+        "val_at_start": result.start_val_accuracy,
+        "guard_events": result.guard_events,
+        "settings": {"lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip,
+                     "from_weights": ctx.student_from_weights},
     }
     if cache is not None and cache.get("enabled"):
         # one cached pass replaced a teacher forward pass in every epoch after the first
@@ -112,9 +139,11 @@ class DistillStage(Stage[DistillConfig]):
 
     def run(self, ctx: RunContext) -> None:
         objective = DistillObjective.from_config(ctx.teacher, self.config)
-        result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
-                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
-        record_training(ctx, self.name, result, objective, self.config)
+        config = self.config.concrete(ctx.student_from_weights)
+        result = fit(ctx.student, objective, ctx.data, config, ctx.stage_dir(self.name), device=ctx.device,
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
+        check_alive(result, self.name, ctx.data.num_classes, config.guard)
+        record_training(ctx, self.name, result, objective, config)
 
 
 @register_stage(FinetuneConfig)
@@ -124,6 +153,8 @@ class FinetuneStage(Stage[FinetuneConfig]):
 
     def run(self, ctx: RunContext) -> None:
         objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
-        result = fit(ctx.student, objective, ctx.data, self.config, ctx.stage_dir(self.name), device=ctx.device,
-                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed)
-        record_training(ctx, self.name, result, objective, self.config)
+        config = self.config.concrete(ctx.student_from_weights)
+        result = fit(ctx.student, objective, ctx.data, config, ctx.stage_dir(self.name), device=ctx.device,
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
+        check_alive(result, self.name, ctx.data.num_classes, config.guard)
+        record_training(ctx, self.name, result, objective, config)

@@ -52,13 +52,18 @@ class Artifact:
 
 @dataclass
 class LedgerRow:
-    """The student's state after one stage: what the report's stage ledger shows."""
+    """The student's state after one stage: what the report's stage ledger shows.
+
+    ``val_accuracy`` (top-1 %, the validation split) is what the stage's decisions saw;
+    ``test_accuracy`` (top-1 %, the test split, which no decision reads) is what the report quotes.
+    """
 
     stage: str
     params: int | None = None
     macs: int | None = None
     val_accuracy: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    test_accuracy: float | None = None
 
 
 @dataclass
@@ -95,6 +100,13 @@ class RunContext:
 
     def artifact(self, role: str, fmt: str, precision: str = "fp32") -> Artifact | None:
         return self.artifacts.get(f"{role}:{fmt}:{precision}")
+
+    @property
+    def student_from_weights(self) -> bool:
+        """Whether the student holds trained weights: a copy of the teacher (pruned or not), or a student
+        an earlier stage already trained. Recovery training then uses fine-tuning defaults."""
+        trained = any(row.stage in ("distill", "finetune") for row in self.ledger)
+        return self.recipe.student.spec() is None or trained
 
     def stage_dir(self, name: str) -> Path:
         """A per-stage working directory inside the run (checkpoints, logs)."""

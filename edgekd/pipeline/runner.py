@@ -23,7 +23,7 @@ from rich.console import Console
 
 import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
 from edgekd.data import load_data
-from edgekd.errors import ConfigError, EdgekdError
+from edgekd.errors import ConfigError, EdgekdError, StageError
 from edgekd.fileio import atomic_write_text, sha256_file
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.portable import load_portable, save_portable, trusted_factories
@@ -36,6 +36,7 @@ from edgekd.pipeline.teacher import prepare_teacher, teacher_spec
 from edgekd.pipeline.versions import library_versions
 from edgekd.recipe.load import recipe_hash
 from edgekd.recipe.schema import Recipe
+from edgekd.train.guard import at_chance
 
 
 @dataclass
@@ -83,6 +84,15 @@ def _new_manifest(recipe: Recipe, steps: list[tuple[str, Stage | None]]) -> dict
     }
 
 
+def _add_test_accuracy(ctx: RunContext, rows: list[LedgerRow]) -> None:
+    """Give a stage's new ledger rows the PyTorch student's test-split accuracy where the stage measured
+    the PyTorch student on val (a row whose notes name another runtime in ``accuracy_on``, like the
+    quantize stage's shipped file, keeps only its own figure: the benchmark scores those files on test)."""
+    for row in rows:
+        if row.test_accuracy is None and row.val_accuracy is not None and "accuracy_on" not in row.notes:
+            row.test_accuracy = top1_accuracy(ctx.student, *ctx.data.test_tensors())
+
+
 class Runner:
     def __init__(self, recipe: Recipe, *, out: Path | None = None, resume: bool = False,
                  console: Console | None = None, runs_root: Path = Path("runs")) -> None:
@@ -124,7 +134,8 @@ class Runner:
             data = load_data(self.recipe.data, self.recipe.seed)
             self.manifest["data"] = data.describe()
             self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
-                               f"({len(data.train)} train / {len(data.val)} val samples, device {device})")
+                               f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
+                               f"device {device})")
             ctx = self._run_teacher(data, device)
             for index, (key, stage) in enumerate(steps[1:], start=1):
                 record = self.manifest["stages"][index]
@@ -158,12 +169,20 @@ class Runner:
         example = data.example_batch(1)
         params, macs = count_params_macs(teacher, example)
         acc = top1_accuracy(teacher, data.val_x, data.val_y)
+        test_acc = top1_accuracy(teacher, *data.test_tensors())
+        if at_chance(acc, data.num_classes, 0.05):
+            exc = StageError(f"the teacher reads {acc:.2f}% val top-1, chance for {data.num_classes} classes; a "
+                             f"teacher at chance teaches nothing, so the run stops here",
+                             hint="train it longer or with another lr (teacher.train), or check its checkpoint "
+                                  "and the data's normalisation")
+            self._fail(record, started, exc)
+            raise exc
         self.manifest["teacher"] = {"model": teacher_spec(self.recipe).describe(), "params": params, "macs": macs,
-                                    "val_accuracy": acc, **info}
+                                    "val_accuracy": acc, "test_accuracy": test_acc, **info}
         record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
                       outputs=self._hashes([self.run_dir.path / "teacher" / "teacher.pt"]))
-        self.console.print(f"  teacher {teacher_spec(self.recipe).describe()}: val top-1 {acc:.2f}%  "
-                           f"({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
+        self.console.print(f"  teacher {teacher_spec(self.recipe).describe()}: val top-1 {acc:.2f}%, test "
+                           f"{test_acc:.2f}%  ({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
         ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
                          student=self._initial_student(teacher, data), resume=self.resume)
         # restore before saving: saving a fresh context would overwrite the finished stages' artifacts
@@ -189,7 +208,7 @@ class Runner:
         if not ctx.ledger:
             t = self.manifest["teacher"]
             ctx.ledger.append(LedgerRow(stage="teacher", params=t["params"], macs=t["macs"],
-                                        val_accuracy=t["val_accuracy"]))
+                                        val_accuracy=t["val_accuracy"], test_accuracy=t.get("test_accuracy")))
         done = [s["key"] for s in self.manifest["stages"][1:] if s["status"] == "done"]
         for key in reversed(done):
             path = self._student_path(key)
@@ -208,6 +227,7 @@ class Runner:
         self.console.print(f"[bold]▶ {key}[/]" + (" (resuming)" if ctx.resume else ""))
         started = time.perf_counter()
         ctx.stage_outputs = []
+        rows_before = len(ctx.ledger)
         try:
             if self.is_main or not stage.main_process_only:
                 stage.run(ctx)
@@ -216,6 +236,8 @@ class Runner:
         except BaseException as exc:
             self._fail(record, started, exc, ctx)
             raise
+        if self.is_main:
+            _add_test_accuracy(ctx, ctx.ledger[rows_before:])
         student_file = self._student_path(key)
         if self.is_main:
             ctx.student.cpu().eval()

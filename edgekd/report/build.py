@@ -65,7 +65,8 @@ def _parity_text(artifacts: list[dict[str, Any]], role: str, precision: str) -> 
 
 def _ledger(manifest: dict[str, Any]) -> list[LedgerEntry]:
     rows = [LedgerEntry(stage=r["stage"], params=r.get("params"), macs=r.get("macs"),
-                        val_accuracy=r.get("val_accuracy"), notes=r.get("notes") or {})
+                        val_accuracy=r.get("val_accuracy"), test_accuracy=r.get("test_accuracy"),
+                        notes=r.get("notes") or {})
             for r in manifest.get("ledger", [])]
     artifacts = manifest.get("artifacts", [])
     for row in rows:
@@ -110,8 +111,14 @@ def _comparisons(bench: BenchmarkResult) -> list[Comparison]:
     return out
 
 
+def _benchmark_split(manifest: dict[str, Any]) -> str:
+    """The split the run's benchmark scored accuracy on (runs before the test split scored val)."""
+    return ((manifest.get("report_data") or {}).get("benchmark") or {}).get("accuracy_split", "val")
+
+
 def _accuracy_drops(bench: BenchmarkResult | None, manifest: dict[str, Any]) -> list[AccuracyDrop]:
     drops: list[AccuracyDrop] = []
+    split = _benchmark_split(manifest)
     if bench is not None:
         for m in bench.models:
             if m.role != "student" or m.accuracy is None or m.accuracy.top1_pct is None:
@@ -125,17 +132,33 @@ def _accuracy_drops(bench: BenchmarkResult | None, manifest: dict[str, Any]) -> 
                 continue
             drops.append(AccuracyDrop(runtime=m.runtime, model=m.label, teacher_top1_pct=t_acc,
                                       top1_pct=m.accuracy.top1_pct, drop=t_acc - m.accuracy.top1_pct,
-                                      samples=m.accuracy.samples, basis=basis))
+                                      samples=m.accuracy.samples, basis=basis, split=split))
     if drops:
         return drops
-    teacher_acc = (manifest.get("teacher") or {}).get("val_accuracy")
-    ledger = [r for r in manifest.get("ledger", []) if r.get("stage") != "teacher" and r.get("val_accuracy") is not None]
-    if teacher_acc is not None and ledger:
-        last = ledger[-1]
+    # no benchmark accuracy: the ledger's PyTorch figures, test split where the run has it
+    teacher = manifest.get("teacher") or {}
+    key = "test_accuracy" if teacher.get("test_accuracy") is not None else "val_accuracy"
+    ledger = [r for r in manifest.get("ledger", []) if r.get("stage") != "teacher" and r.get(key) is not None]
+    if teacher.get(key) is not None and ledger:
+        last, teacher_acc = ledger[-1], teacher[key]
         drops.append(AccuracyDrop(runtime="torch", model="student", teacher_top1_pct=teacher_acc,
-                                  top1_pct=last["val_accuracy"], drop=teacher_acc - last["val_accuracy"],
+                                  top1_pct=last[key], drop=teacher_acc - last[key], split=key.split("_")[0],
                                   basis=f"PyTorch accuracies from the run ledger (after {last['stage']})"))
     return drops
+
+
+def _accuracy_splits(manifest: dict[str, Any]) -> dict[str, str]:
+    """Where each accuracy figure of the report comes from (report.json names the split of every one)."""
+    return {
+        "ledger.val_accuracy": "val: the split every decision read (best epoch, early stopping, quantize "
+                               "tolerance, prune search)",
+        "ledger.test_accuracy": "test: held out from every decision",
+        "teacher.val_accuracy": "val", "teacher.test_accuracy": "test",
+        "benchmark.accuracy": _benchmark_split(manifest),
+        "accuracy_drops": _benchmark_split(manifest) + " (benchmark) or test/val as each drop's split says",
+        "gate": "test",
+        "quantize.candidates": "val (the tolerance decision)",
+    }
 
 
 def build_report(run_dir: Path) -> Report:
@@ -166,7 +189,7 @@ def build_report(run_dir: Path) -> Report:
                 for s in manifest.get("stages", [])],
         artifacts=manifest.get("artifacts", []), ledger=_ledger(manifest), benchmark=bench,
         comparisons=_comparisons(bench) if bench else [], accuracy_drops=_accuracy_drops(bench, manifest),
-        stage_data=stage_data)
+        accuracy_splits=_accuracy_splits(manifest), stage_data=stage_data)
     gate = _gate_from_recipe(run_dir)
     if gate is not None and gate.max_accuracy_drop is not None:
         report.gate = evaluate_gate(report, gate.max_accuracy_drop)

@@ -1,8 +1,9 @@
 """The accuracy gate: fail the run (exit code 3) when the student lost more than the recipe allows.
 
-The drop is judged on what ships: every student model the benchmark scored (each runtime, FP32
-and INT8) against the teacher on the same runtime and samples; the worst one decides. Without
-benchmark accuracy it falls back to the PyTorch accuracies of the run's ledger. The runner
+The drop is judged on what ships, on the test split (which no decision of the run saw): every
+student model the benchmark scored (each runtime, FP32 and INT8) against the teacher on the same
+runtime and samples; the worst one decides. Without benchmark accuracy it falls back to the
+PyTorch test accuracies of the run's ledger. A figure measured on the val split never passes it. The runner
 writes every report file first, then calls ``check_gate``, so a failed gate still leaves the
 evidence on disk.
 """
@@ -13,16 +14,21 @@ from edgekd.bench.config import GateConfig
 from edgekd.errors import GateFailedError
 from edgekd.report.schema import GateResult, Report
 
+#: the only split the gate reads
+GATE_SPLIT = "test"
+
 
 def evaluate_gate(report: Report, max_accuracy_drop: float) -> GateResult:
-    worst = report.worst_drop()
+    worst = report.worst_drop(GATE_SPLIT)
     if worst is None:
         return GateResult(max_accuracy_drop=max_accuracy_drop, worst=None, passed=False,
-                          message="no student accuracy was measured, so the accuracy gate cannot pass")
+                          message=f"no student accuracy was measured on the {GATE_SPLIT} split, so the accuracy "
+                                  f"gate cannot pass")
     passed = worst.drop <= max_accuracy_drop
     verdict = "within" if passed else "beyond"
     message = (f"the {worst.model} on {worst.runtime} lost {worst.drop:.2f} points of top-1 against the teacher "
-               f"({worst.teacher_top1_pct:.2f}% -> {worst.top1_pct:.2f}%), {verdict} the gate's "
+               f"on the {worst.split} split ({worst.teacher_top1_pct:.2f}% -> {worst.top1_pct:.2f}%), {verdict} "
+               f"the gate's "
                f"{max_accuracy_drop:g}")
     return GateResult(max_accuracy_drop=max_accuracy_drop, worst=worst, passed=passed, message=message)
 

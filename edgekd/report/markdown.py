@@ -30,8 +30,12 @@ def summary_lines(report: Report) -> list[str]:
     worst = report.worst_drop()
     if worst is not None and report.gate is None:
         lines.append(f"- Largest accuracy drop: {worst.model} on {worst.runtime}, {worst.drop:.2f} points "
-                     f"({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; {worst.basis}).")
+                     f"on the {worst.split} split ({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; "
+                     f"{worst.basis}).")
     lines += deployed_lines(report)
+    if report.accuracy_splits:
+        lines.append(f"- Accuracy splits: benchmark and gate on {report.accuracy_splits.get('benchmark.accuracy')} "
+                     f"(held out from every decision); the ledger shows val (what decisions read) and test.")
     for s in report.failed_stages():
         lines.append(f"- Stage **{s.key} failed**: {s.error}")
     if report.benchmark is not None:

@@ -153,11 +153,13 @@ def ledger_plot(report: Report) -> Plot | None:
     ax.set_xticks(range(len(rows)), names, fontsize=8)
     ax.set_ylabel("MMACs / sample", fontsize=8)
     ax.tick_params(labelsize=8)
-    accs = [(i, r.val_accuracy) for i, r in enumerate(rows) if r.val_accuracy is not None]
+    split = "test" if any(r.test_accuracy is not None for r in rows) else "val"
+    accs = [(i, getattr(r, f"{split}_accuracy")) for i, r in enumerate(rows)
+            if getattr(r, f"{split}_accuracy") is not None]
     if accs:
         ax2 = ax.twinx()
-        ax2.plot([a[0] for a in accs], [a[1] for a in accs], "o-", color="#DD8452", label="val top-1 %")
-        ax2.set_ylabel("val top-1, %", fontsize=8)
+        ax2.plot([a[0] for a in accs], [a[1] for a in accs], "o-", color="#DD8452", label=f"{split} top-1 %")
+        ax2.set_ylabel(f"{split} top-1, %", fontsize=8)
         ax2.tick_params(labelsize=8)
     fig.suptitle("Stage ledger: compute and accuracy after each stage", fontsize=10)
     return Plot("Stage ledger", _png(fig))

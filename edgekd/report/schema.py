@@ -29,7 +29,8 @@ class LedgerEntry(BaseModel):
     stage: str
     params: int | None = None
     macs: int | None = None
-    val_accuracy: float | None = Field(None, description="top-1 percent on the validation split")
+    val_accuracy: float | None = Field(None, description="top-1 percent on the val split (what decisions saw)")
+    test_accuracy: float | None = Field(None, description="top-1 percent on the test split (no decision saw it)")
     parity: str | None = Field(None, description="agreement of the stage's files with PyTorch, when it made any")
     notes: dict[str, Any] = Field(default_factory=dict)
 
@@ -63,6 +64,8 @@ class AccuracyDrop(BaseModel):
     drop: float
     samples: int | None = None
     basis: str = Field(..., description="where the numbers come from")
+    split: str = Field("val", description="data split both accuracies are measured on: test (no decision of the "
+                                          "run saw it) or val (older runs); the gate reads only test")
 
 
 class GateResult(BaseModel):
@@ -92,14 +95,18 @@ class Report(BaseModel):
     comparisons: list[Comparison] = Field(default_factory=list)
     accuracy_drops: list[AccuracyDrop] = Field(default_factory=list)
     gate: GateResult | None = None
+    #: which data split each accuracy figure of this report is measured on
+    accuracy_splits: dict[str, str] = Field(default_factory=dict)
     #: the other stages' report data (prune channel tables, quantize candidates, export parity, ...)
     stage_data: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
-    def worst_drop(self) -> AccuracyDrop | None:
-        return max(self.accuracy_drops, key=lambda d: d.drop, default=None)
+    def worst_drop(self, split: str | None = None) -> AccuracyDrop | None:
+        """The largest drop, among those measured on ``split`` when given."""
+        drops = [d for d in self.accuracy_drops if split is None or d.split == split]
+        return max(drops, key=lambda d: d.drop, default=None)
 
     def deployed_student(self) -> tuple[str, str | None]:
         """(benchmark label, artifact path) of the student a user ships: the INT8 file when the

@@ -82,7 +82,8 @@ def accuracy_table(report: Report) -> Table:
     ref = bench.accuracy_reference if bench else None
     t = Table("Accuracy on each runtime", ["runtime", "model", "top-1", "agreement with teacher", "KL(teacher‖model)",
                                            "samples"],
-              caption=f"validation split; agreement and KL against {ref or 'the teacher'}")
+              caption=f"{report.accuracy_splits.get('benchmark.accuracy', 'val')} split; agreement and KL against "
+                      f"{ref or 'the teacher'}")
     if bench is None:
         return t
     for m in bench.models:
@@ -135,12 +136,13 @@ def _notes_text(notes: dict[str, Any]) -> str:
 
 def ledger_table(report: Report) -> Table:
     t = Table("Stage ledger (the student after each stage)", ["stage", "params", "MACs / sample", "val top-1",
-                                                              "parity", "notes"],
-              caption="accuracy of the PyTorch model (quantize: of the shipped file); parity: exported files "
-                      "against PyTorch on real validation samples")
+                                                              "test top-1", "parity", "notes"],
+              caption="accuracy of the PyTorch model (quantize: of the shipped file, on val); val: the split "
+                      "decisions read; test: held out from every decision; parity: exported files against "
+                      "PyTorch on real validation samples")
     for row in report.ledger:
         t.rows.append([row.stage, fmt_count(row.params), fmt_count(row.macs), fmt_num(row.val_accuracy, ".2f", "%"),
-                       row.parity or "—", _notes_text(row.notes)])
+                       fmt_num(row.test_accuracy, ".2f", "%"), row.parity or "—", _notes_text(row.notes)])
     return t
 
 

@@ -15,6 +15,32 @@ from edgekd.recipe.base import StrictModel
 from edgekd.train.augment import AugmentConfig
 
 
+class GuardConfig(StrictModel):
+    """The divergence guard: after a bad step or epoch, roll back to the last good epoch, lower the lr, go on.
+
+    A step whose loss is not finite or exceeds ``explode_factor`` x max(the run's first loss, ln C),
+    an epoch whose train accuracy is at chance, or an epoch whose val accuracy falls more than
+    ``max_drop_from_start`` points below the starting model's (when that was above chance) is undone:
+    weights, schedule, RNG and loss scaler return to the end of the last good epoch, the optimizer's
+    moments are cleared and every lr is multiplied by ``lr_factor``. Each rollback is recorded.
+    When train accuracy is high but val accuracy at chance, BatchNorm statistics are re-estimated
+    from training batches; if that does not help, training stops with an error saying so.
+    """
+
+    enabled: bool = Field(True, description="watch for divergence and roll back; false: a NaN loss stops the run")
+    max_rollbacks: int = Field(3, ge=0, le=20, description="rollbacks per run before it stops with an error")
+    lr_factor: float = Field(0.3, gt=0.0, lt=1.0, description="every lr is multiplied by this at each rollback")
+    explode_factor: float = Field(10.0, gt=1.0, description="a step loss above this x max(first loss, ln C) "
+                                                            "counts as exploding")
+    chance_margin: float = Field(0.05, ge=0.0, lt=1.0, description="'at chance' means at most chance + this share "
+                                                                 "of the way from chance to 100%")
+    max_drop_from_start: float | None = Field(
+        2.0, ge=0.0, description="roll back an epoch whose val top-1 is more than this many points below the "
+                                 "starting model's (applies when the start is above chance); null: off")
+    bn_recalibration_batches: int = Field(16, ge=1, le=1000, description="training batches that re-estimate "
+                                                                        "BatchNorm statistics")
+
+
 class TrainConfig(StrictModel):
     """A training run: used by the teacher's ``train:`` block, ``finetune`` and ``distill``."""
 
@@ -36,6 +62,12 @@ class TrainConfig(StrictModel):
     augment: AugmentConfig | None = Field(
         None, description="random shifts/flips of each training batch; None = the samples as they are")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="divergence guard (rollback + lower lr)")
+
+    def concrete(self, from_weights: bool) -> TrainConfig:
+        """This config with every default that depends on the start filled in: ``from_weights`` is True
+        when training starts from trained (pruned or copied) weights. Plain training has none."""
+        return self
 
     @property
     def active_augment(self) -> AugmentConfig | None:

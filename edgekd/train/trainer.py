@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import random
 import time
 from collections.abc import Callable
@@ -37,6 +38,16 @@ from edgekd.fileio import atomic_torch_save, atomic_write_text
 from edgekd.train import distributed as dist_utils
 from edgekd.train.augment import augment_batch, augment_generator
 from edgekd.train.config import TrainConfig
+from edgekd.train.guard import (
+    Diverged,
+    Snapshot,
+    at_chance,
+    epoch_problem,
+    learned,
+    roll_back,
+    step_problem,
+    take_snapshot,
+)
 from edgekd.train.objectives import Batch, Objective
 from edgekd.train.schedule import build_optimizer, build_scheduler
 
@@ -56,6 +67,14 @@ class FitResult:
     checkpoint: Path
     stopped_early: bool = False
     resumed_from_epoch: int | None = None
+    #: val top-1 of the model before its first epoch (None when the run was resumed from an older checkpoint)
+    start_val_accuracy: float | None = None
+    #: what the divergence guard did: rollbacks and BatchNorm recalibrations, in order
+    guard_events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rollbacks(self) -> int:
+        return sum(e["action"] == "rollback" for e in self.guard_events)
 
     @property
     def mean_train_time_s(self) -> float:
@@ -73,6 +92,9 @@ class _State:
     since_best: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    start_val_accuracy: float | None = None
+    reference_loss: float | None = None  # the run's first step loss: the scale 'exploding' is judged on
+    guard_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 # -- RNG state as plain tensors (weights_only checkpoints cannot hold numpy arrays or tuples) --------
@@ -217,18 +239,28 @@ def fit(
     seed: int = 0,
     console: Console | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    from_weights: bool | None = None,
 ) -> FitResult:
     """Train ``model`` in place with ``objective`` on ``data.train``; validate on ``data.val``.
 
     At the end ``model`` holds the weights of the epoch with the best validation accuracy (it
     stays on ``device``). ``resume=True`` continues from ``workdir/last.pt`` when it exists.
     ``on_epoch_end`` gets each epoch's metrics row after its checkpoint is written.
+    ``from_weights`` says whether ``model`` starts from trained weights (a pruned or copied student),
+    which picks the defaults a config leaves open (``TrainConfig.concrete``: a fine-tuning lr and a
+    short warm-up); None decides by the starting val accuracy (above chance: trained weights).
+    The divergence guard (``config.guard``, ``edgekd.train.guard``) rolls back diverging epochs and
+    records each rollback in ``FitResult.guard_events``; ``TrainingDivergedError`` when it gives up.
     """
     workdir = Path(workdir)
     main = dist_utils.is_main_process()
     console = console or Console(stderr=True)
     model.to(device)
     torch.manual_seed(seed)
+    start_acc = evaluate(model, data.val_x, data.val_y, device=device)[0]
+    if from_weights is None:
+        from_weights = not at_chance(start_acc, data.num_classes, config.guard.chance_margin)
+    config = config.concrete(from_weights)
 
     batch_size = config.batch_size or getattr(data, "batch_size", None) or DEFAULT_BATCH_SIZE
     world = dist_utils.world_size()
@@ -269,15 +301,28 @@ def fit(
 
         train_model = dist_utils.wrap_ddp(model, device)
         tensorboard = _TensorBoard(workdir / "tensorboard", enabled=main)
+        if state.epoch == 0 and state.start_val_accuracy is None:
+            state.start_val_accuracy = start_acc
+        # the last good epoch, for the divergence guard (what last.pt holds, kept in memory)
+        good = take_snapshot(model, extra, scheduler, scaler, _rng_state())
         try:
             with _progress(console, enabled=main) as progress:
                 while state.epoch < config.epochs and not state.stopped_early:
                     epoch = state.epoch + 1
-                    row = _train_one_epoch(
-                        train_model, objective, extra_params, optimizer, scheduler, scaler, config,
-                        train_x, train_y, batch_size, epoch, seed, device, label, progress, workdir, state)
-                    val_acc, val_loss = evaluate(model, data.val_x, data.val_y, device=device,
-                                                 mixed_precision=config.mixed_precision)
+                    try:
+                        row = _train_one_epoch(
+                            train_model, objective, extra_params, optimizer, scheduler, scaler, config,
+                            train_x, train_y, batch_size, epoch, seed, device, label, progress, workdir, state,
+                            data.num_classes)
+                        val_acc, val_loss = evaluate(model, data.val_x, data.val_y, device=device,
+                                                     mixed_precision=config.mixed_precision)
+                        if config.guard.enabled:
+                            val_acc, val_loss = _check_epoch(model, data, config, row, val_acc, val_loss, state,
+                                                             batch_size, seed, device, label, epoch, console, main)
+                    except Diverged as why:
+                        _roll_back(why, good, model, extra, optimizer, scheduler, scaler, config, state, epoch,
+                                   label, console, main, workdir)
+                        continue
                     row.update(val_accuracy=val_acc, val_loss=val_loss)
                     state.epoch = epoch
                     state.history.append(row)
@@ -291,14 +336,16 @@ def fit(
                         state.since_best += 1
                     patience = config.early_stopping_patience
                     state.stopped_early = patience is not None and state.since_best >= patience
+                    rng = _rng_state()
                     if main:
-                        _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state, config)
+                        _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state, config, rng)
                         write_metrics_csv(workdir / METRICS, state.history)
                         tensorboard.log(row)
                         console.print(
                             f"  {label} epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
                             f"val {val_acc:.2f}% (best {state.best_acc:.2f}% @ {state.best_epoch})  "
                             f"{row['train_time_s']:.1f}s", highlight=False)
+                    good = take_snapshot(model, extra, scheduler, scaler, rng)
                     if on_epoch_end is not None:
                         on_epoch_end(row)
             if state.stopped_early and main:
@@ -312,21 +359,98 @@ def fit(
     model.load_state_dict(best_weights)
     return FitResult(best_val_accuracy=state.best_acc, best_epoch=state.best_epoch, epochs_run=state.epoch,
                      history=state.history, checkpoint=workdir / BEST, stopped_early=state.stopped_early,
-                     resumed_from_epoch=resumed_from)
+                     resumed_from_epoch=resumed_from, start_val_accuracy=state.start_val_accuracy,
+                     guard_events=list(state.guard_events))
+
+
+def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size, seed, device, label, epoch,
+                 console, main) -> tuple[float, float]:
+    """The guard's end-of-epoch checks. Raises ``Diverged`` for a rollback; re-estimates BatchNorm
+    statistics when train accuracy is high but val at chance, and stops with ``TrainingDivergedError``
+    when even that leaves val at chance. Returns the (possibly re-measured) val accuracy and loss."""
+    guard, classes = config.guard, data.num_classes
+    problem = epoch_problem(row["train_accuracy"], val_acc, state.start_val_accuracy, classes, guard,
+                            train_loss=row["train_loss"], reference_loss=state.reference_loss)
+    if problem is not None:
+        raise Diverged(problem, train_accuracy=row["train_accuracy"], val_accuracy=val_acc)
+    if not (learned(row["train_accuracy"], classes) and at_chance(val_acc, classes, guard.chance_margin)):
+        return val_acc, val_loss
+    # train-mode outputs are right and eval-mode ones are not: the running statistics are off
+    # (BatchNorm momentum 0.01 lags far behind the weights early in training)
+    from edgekd.prune.batchnorm import recalibrate_batchnorm
+
+    batches = ((x.to(device), y) for x, y in data.train_loader(batch_size, seed=seed * 100_003 + epoch))
+    used = recalibrate_batchnorm(model, batches, guard.bn_recalibration_batches)
+    new_acc, new_loss = evaluate(model, data.val_x, data.val_y, device=device, mixed_precision=config.mixed_precision)
+    event = {"epoch": epoch, "action": "bn_recalibration", "batches": used, "train_accuracy": row["train_accuracy"],
+             "val_before": round(val_acc, 3), "val_after": round(new_acc, 3)}
+    state.guard_events.append(event)
+    if used and not at_chance(new_acc, classes, guard.chance_margin):
+        if main:
+            console.print(f"  {label} epoch {epoch}: val {val_acc:.2f}% at chance with train accuracy "
+                          f"{row['train_accuracy']:.2f}%; BatchNorm statistics re-estimated from {used} training "
+                          f"batches: val {new_acc:.2f}%", highlight=False)
+        return new_acc, new_loss
+    what = (f"re-estimating BatchNorm statistics from {used} training batches left it at {new_acc:.2f}%" if used
+            else "the model has no BatchNorm statistics to re-estimate")
+    raise TrainingDivergedError(
+        f"{label}: epoch {epoch} reached train accuracy {row['train_accuracy']:.2f}% but val accuracy "
+        f"{val_acc:.2f}%, chance for {classes} classes; {what}. The model does not work in eval mode, "
+        f"so it is not handed on",
+        hint="check layers that behave differently in eval mode (BatchNorm momentum, dropout), the data split "
+             "(are train and val the same task?) and the normalisation; a lower lr or more epochs may help")
+
+
+def _roll_back(why: Diverged, good: Snapshot, model, extra, optimizer, scheduler, scaler, config, state: _State,
+               epoch: int, label: str, console, main: bool, workdir: Path) -> None:
+    """Undo the diverged epoch (see ``edgekd.train.guard``), or raise ``TrainingDivergedError`` when the
+    guard is off or out of rollbacks."""
+    guard = config.guard
+    done = [e for e in state.guard_events if e["action"] == "rollback"]
+    if not guard.enabled or len(done) >= guard.max_rollbacks:
+        kept = (f"the last good checkpoint ({workdir / LAST}, epoch {state.epoch}) is kept" if state.epoch
+                else "no epoch finished, so there is no checkpoint yet")
+        tried = (f" after {len(done)} rollback(s) with the lr lowered to x{guard.lr_factor ** len(done):.3g} "
+                 f"({'; '.join(e['reason'] for e in done)})" if done else "")
+        raise TrainingDivergedError(
+            f"{label}: {why.reason} at epoch {epoch}{why.facts.get('where', '')}{tried}; {kept}",
+            hint="lower lr, set grad_clip (e.g. 1.0) or more warmup_epochs, and check the data for NaN/inf; "
+                 "--resume then continues from the last good checkpoint")
+    lrs = roll_back(good, model, extra, optimizer, scheduler, scaler, guard.lr_factor)
+    _set_rng_state(good.rng)
+    event = {"epoch": epoch, "action": "rollback", "reason": f"{why.reason} at epoch {epoch}"
+             f"{why.facts.get('where', '')}", "to_epoch": state.epoch, "lr_factor": guard.lr_factor,
+             "peak_lr": lrs[0]}
+    state.guard_events.append(event)
+    if main:
+        console.print(f"  [yellow]{label}: {event['reason']}: rolled back to epoch {state.epoch}, peak lr now "
+                      f"{lrs[0]:.3g}[/]", highlight=False)
 
 
 def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scaler, config, train_x, train_y,
-                     batch_size, epoch, seed, device, label, progress, workdir, state) -> dict[str, float]:
+                     batch_size, epoch, seed, device, label, progress, workdir, state,
+                     num_classes: int) -> dict[str, float]:
     model.train()
     batches = epoch_batches(len(train_x), batch_size, epoch, seed)
     task = progress.add_task(f"{label} {epoch}/{config.epochs}", total=len(batches), info="")
-    sums: dict[str, torch.Tensor] = {}
-    seen = correct = 0
     lr_at_start = optimizer.param_groups[0]["lr"]
     started = time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     augment = config.active_augment
     generator = augment_generator(seed, epoch, dist_utils.rank(), device) if augment is not None else None
+    try:
+        return _epoch_steps(model, objective, extra_params, optimizer, scheduler, scaler, config, train_x,
+                            train_y, batches, epoch, seed, device, label, progress, workdir, state, num_classes,
+                            task, augment, generator, params, lr_at_start, started, batch_size)
+    finally:
+        progress.remove_task(task)
+
+
+def _epoch_steps(model, objective, extra_params, optimizer, scheduler, scaler, config, train_x, train_y, batches,
+                 epoch, seed, device, label, progress, workdir, state, num_classes, task, augment, generator,
+                 params, lr_at_start, started, batch_size) -> dict[str, float]:
+    sums: dict[str, torch.Tensor] = {}
+    seen = correct = labeled = 0
     for step, index in enumerate(batches, start=1):
         # contiguous inputs: torch 2.13 CPU crashed in backward() on strided batches of pruned nets
         x = train_x[index].contiguous()
@@ -336,9 +460,9 @@ def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scale
         with _autocast(device, config.mixed_precision):
             out = objective.compute(model, batch)
         loss = out.total.float()
-        _check_finite(loss, label, epoch, step, optimizer, workdir, state)
+        _check_step(loss, label, epoch, step, optimizer, config, state, num_classes)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss * _rank_weight(len(index), len(train_x), batch_size, step)).backward()
         dist_utils.average_gradients(extra_params)
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
@@ -348,45 +472,55 @@ def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scale
         scheduler.step()
         n = len(index)
         seen += n
-        correct += int((out.logits.detach().argmax(1) == batch.y).sum().item())
+        # train accuracy over the labeled samples (label -1: an input the teacher labels, no label of its own)
+        known = batch.y >= 0
+        labeled += int(known.sum().item())
+        correct += int((out.logits.detach().argmax(1) == batch.y)[known].sum().item())
         for key, value in {"loss": loss.detach(), **out.parts}.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float() * n
         progress.update(task, advance=1, info=f"loss {loss.item():.4f}")
-    progress.remove_task(task)
     train_time = time.perf_counter() - started
     # metrics averaged over every rank's samples
     totals = dist_utils.all_reduce_sum(torch.stack([*sums.values(), torch.tensor(float(seen), device=device),
+                                                    torch.tensor(float(labeled), device=device),
                                                     torch.tensor(float(correct), device=device)]).float())
-    seen_all = totals[-2].item()
+    seen_all, labeled_all = totals[-3].item(), totals[-2].item()
     row: dict[str, float] = {"epoch": epoch, "lr": lr_at_start}
-    for key, total in zip(sums, totals[:-2].tolist(), strict=True):
+    for key, total in zip(sums, totals[:-3].tolist(), strict=True):
         row["train_loss" if key == "loss" else f"train_{key}"] = total / seen_all
-    row["train_accuracy"] = 100.0 * totals[-1].item() / seen_all
+    row["train_accuracy"] = 100.0 * totals[-1].item() / labeled_all if labeled_all else math.nan
     row["train_time_s"] = train_time
     return row
 
 
-def _check_finite(loss: torch.Tensor, label: str, epoch: int, step: int, optimizer, workdir: Path,
-                  state: _State) -> None:
-    # under torchrun every rank must stop together, or the others would wait forever in all-reduce
-    value = dist_utils.all_reduce_sum(loss.detach().reshape(1))
-    if torch.isfinite(value).all():
-        return
-    kept = (f"the last good checkpoint ({workdir / LAST}, epoch {state.epoch}) is kept" if state.epoch
-            else "no epoch finished, so there is no checkpoint yet")
-    raise TrainingDivergedError(
-        f"{label}: the loss became {loss.item()} at epoch {epoch}, step {step} "
-        f"(lr {optimizer.param_groups[0]['lr']:.3g}); {kept}",
-        hint="lower lr, set grad_clip (e.g. 1.0) or more warmup_epochs, and check the data for NaN/inf; "
-             "--resume then continues from the last good checkpoint",
-    )
+def _rank_weight(local: int, n: int, batch_size: int, step: int) -> float:
+    """DDP averages gradients over ranks equally; when a global batch splits unevenly (the last one),
+    weight this rank's mean loss by its share so the average is the global batch's mean gradient."""
+    world = dist_utils.world_size()
+    if world == 1:
+        return 1.0
+    global_n = min(batch_size, n - (step - 1) * batch_size)
+    return local * world / global_n
+
+
+def _check_step(loss: torch.Tensor, label: str, epoch: int, step: int, optimizer, config: TrainConfig,
+                state: _State, num_classes: int) -> None:
+    """Raise ``Diverged`` when this step's loss is not finite or exploding (see ``edgekd.train.guard``)."""
+    # under torchrun every rank must decide together, or the others would wait forever in all-reduce
+    value = (dist_utils.all_reduce_sum(loss.detach().reshape(1)) / dist_utils.world_size()).item()
+    if state.reference_loss is None and math.isfinite(value):
+        state.reference_loss = value
+    reference = state.reference_loss if config.guard.enabled else None
+    problem = step_problem(value, reference, num_classes, config.guard)
+    if problem is not None:
+        raise Diverged(problem, where=f", step {step} (lr {optimizer.param_groups[0]['lr']:.3g})")
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state: _State, config) -> None:
+def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state: _State, config, rng) -> None:
     atomic_torch_save({
         "format": "edgekd-train-checkpoint/1",
         "model": model.state_dict(),
@@ -394,13 +528,16 @@ def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state:
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng,
         "epoch": state.epoch,
         "best_acc": state.best_acc,
         "best_epoch": state.best_epoch,
         "since_best": state.since_best,
         "stopped_early": state.stopped_early,
         "history": state.history,
+        "start_val_accuracy": state.start_val_accuracy,
+        "reference_loss": state.reference_loss,
+        "guard_events": state.guard_events,
         "config": config.model_dump(mode="json"),
     }, workdir / LAST)
 
@@ -419,7 +556,9 @@ def _load_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, label)
     scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
     state = _State(epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
-                   since_best=ckpt["since_best"], stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]))
+                   since_best=ckpt["since_best"], stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]),
+                   start_val_accuracy=ckpt.get("start_val_accuracy"), reference_loss=ckpt.get("reference_loss"),
+                   guard_events=list(ckpt.get("guard_events", [])))
     best_path = workdir / BEST
     if best_path.is_file():
         best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
