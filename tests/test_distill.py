@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from edgekd.distill.config import DistillConfig, FinetuneConfig
+from edgekd.distill.config import DistillConfig, FinetuneConfig, KDTerm
 from edgekd.distill.losses import (
     HintAdaptor,
     attention_loss,
@@ -240,3 +240,75 @@ def test_finetune_baseline_trains_on_hard_labels(teacher_and_pruned, digits8, tm
                  label="finetune")
     assert set(result.history[0]) >= {"train_ce", "val_accuracy"} and "train_kd_soft" not in result.history[0]
     assert result.best_val_accuracy > before
+
+
+# -- recovery that does not destroy what it recovers ----------------------------------------------
+
+def test_recovery_defaults_depend_on_where_the_student_starts():
+    warm, cold = DistillConfig().concrete(from_weights=True), DistillConfig().concrete(from_weights=False)
+    assert (warm.lr, warm.warmup_epochs, warm.grad_clip) == (0.01, 0.2, 5.0)
+    assert (cold.lr, cold.warmup_epochs) == (0.05, 1.0)
+    assert DistillConfig(lr=0.2).concrete(from_weights=True).lr == 0.2  # a recipe's value wins
+    assert FinetuneConfig().concrete(from_weights=True).lr == 0.01 and FinetuneConfig().grad_clip is None
+
+
+def test_logit_standardization_ignores_the_teachers_logit_scale(teacher_and_pruned, digits8):
+    from edgekd.distill.losses import standardize_logits
+
+    teacher, _ = teacher_and_pruned
+    with torch.no_grad():
+        t = teacher(digits8.val_x[:128])
+    y = digits8.val_y[:128]
+    # a teacher that is the same classifier with 10x larger logits (longer training, no label smoothing)
+    raw, _ = kd_loss(t, 10 * t, y, temperature=4.0, alpha=1.0)
+    std, _ = kd_loss(t, 10 * t, y, temperature=4.0, alpha=1.0, standardize=True)
+    assert raw.item() > 1.0 and std.item() == pytest.approx(0.0, abs=1e-5)
+    z = standardize_logits(10 * t)
+    assert torch.allclose(z.mean(1), torch.zeros(len(z)), atol=1e-5) and torch.allclose(z.std(1), torch.ones(len(z)))
+
+
+def test_guard_keeps_a_recovering_student_above_where_it_started(digits8, tmp_path):
+    """A lightly pruned student at ~90% and an lr that wrecks it (1.0, no warm-up): without the guard its
+    first epoch falls far below its start; with it, every kept epoch ends at or near the start and above."""
+    from edgekd.prune.batchnorm import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)
+    fit(teacher, CrossEntropyObjective(), digits8, TrainConfig(epochs=3), tmp_path / "t", device=CPU)
+    student = copy.deepcopy(teacher.eval())
+    prune_at_ratio(student, PruneEnv(config=PruneConfig(ratio=0.25, probe=None),
+                                     samples=digits8.calibration_batch(64), teacher=teacher), 0.25)
+    recalibrate_batchnorm(student, digits8.train_loader(64), 8)
+    start = top1_accuracy(student, digits8.val_x, digits8.val_y)
+    assert start > 60.0
+    harsh = {"epochs": 2, "lr": 1.0, "warmup_epochs": 0, "schedule": "constant", "grad_clip": None}
+    off = fit(copy.deepcopy(student), DistillObjective(teacher, [KDTerm(kind="kd")]), digits8,
+              DistillConfig(**harsh, guard={"enabled": False}), tmp_path / "off", device=CPU)
+    assert off.history[0]["val_accuracy"] < start - 10  # the lr destroys what it should recover
+    on = fit(copy.deepcopy(student), DistillObjective(teacher, [KDTerm(kind="kd")]), digits8, DistillConfig(**harsh),
+             tmp_path / "on", device=CPU)
+    assert on.rollbacks >= 1 and on.start_val_accuracy == pytest.approx(start)
+    assert all(row["val_accuracy"] >= start - 2.0 for row in on.history)
+    assert on.best_val_accuracy > off.best_val_accuracy
+
+
+def test_transfer_kd_over_unlabeled_inputs_beats_finetuning_on_the_labeled_few(teacher_and_pruned, digits8, tmp_path):
+    from edgekd.data.transfer import keep_labels, label_counts, labeled_only
+
+    teacher, _ = teacher_and_pruned
+    few = keep_labels(digits8, 0.1, seed=0)
+    counts = label_counts(few)
+    assert counts["labeled"] == pytest.approx(0.1 * len(digits8.train), abs=10) and counts["unlabeled"] > 900
+    assert set(torch.bincount(few.train_y[few.train_y >= 0]).tolist()) <= set(range(10, 14))  # stratified
+
+    def mlp():
+        torch.manual_seed(0)
+        return build_model("mlp", num_classes=10, input_shape=digits8.input_shape, hidden=64)
+
+    kd_cfg = DistillConfig(epochs=6, optimizer="adamw", lr=3e-3, source={"kind": "transfer", "labeled_fraction": 0.1})
+    kd = fit(mlp(), DistillObjective.from_config(teacher, kd_cfg), few, kd_cfg, tmp_path / "kd", device=CPU)
+    # fine-tuning sees only the labeled tenth; 10x the epochs gives it the same number of steps
+    ft_cfg = FinetuneConfig(epochs=60, optimizer="adamw", lr=3e-3)
+    ft = fit(mlp(), CrossEntropyObjective(), labeled_only(few), ft_cfg, tmp_path / "ft", device=CPU)
+    assert kd.history[0]["train_accuracy"] == kd.history[0]["train_accuracy"]  # labeled samples scored (not NaN)
+    assert kd.best_val_accuracy > ft.best_val_accuracy + 5

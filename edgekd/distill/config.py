@@ -77,6 +77,16 @@ class RKDTerm(StrictModel):
 LossTerm = Annotated[KDTerm | HintTerm | AttentionTerm | RKDTerm, Field(discriminator="kind")]
 
 
+class TransferSource(StrictModel):
+    """Train on the training split with most labels withheld: ``labeled_fraction`` of it (stratified, chosen by
+    the seed) keeps its labels. ``distill`` uses every training input (the teacher's soft targets need no
+    label; the hard-label term only the labeled share); ``finetune`` can use only the labeled share."""
+
+    kind: Literal["transfer"]
+    labeled_fraction: float = Field(..., gt=0.0, le=1.0, description="share of the training split that keeps "
+                                                                     "its labels, e.g. 0.1")
+
+
 #: recovery from trained weights (a pruned or copied student): a fine-tuning lr and a short warm-up.
 #: Measured on the quickstart (ResNet-20 w40 pruned 60%, distilled 4 epochs): see docs/distill.md.
 FROM_WEIGHTS = {"lr": 0.01, "warmup_epochs": 0.2}
@@ -91,6 +101,9 @@ class _Recovery(TrainConfig):
                              "starts from trained (pruned or copied) weights, 0.05 from random weights")
     warmup_epochs: float | None = Field(None, ge=0.0, description="linear warm-up in epochs; null: 0.2 from "
                                         "trained weights, 1 from random weights")
+
+    source: TransferSource | None = Field(None, description="null: the training split with all its labels; "
+                                          "{kind: transfer, labeled_fraction: F}: only a share keeps its labels")
 
     def concrete(self, from_weights: bool) -> TrainConfig:
         defaults = FROM_WEIGHTS if from_weights else FROM_SCRATCH

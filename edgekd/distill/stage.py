@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgekd.data.bundle import DataBundle
+from edgekd.data.transfer import keep_labels, label_counts, labeled_only
 from edgekd.distill.config import AttentionTerm, DistillConfig, FinetuneConfig, HintTerm
 from edgekd.distill.hooks import probe, resolve_layer
 from edgekd.distill.losses import HintAdaptor
@@ -75,6 +77,9 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
         notes["loss"] = "cross-entropy"
     if config.active_augment is not None:
         notes["augment"] = config.active_augment.summary()
+    source = getattr(config, "source", None)
+    if source is not None:
+        notes["labels"] = f"{source.labeled_fraction:.0%} of the training split kept its labels"
     if result.guard_events:
         notes["guard"] = "; ".join(_event_text(e) for e in result.guard_events)
     return notes
@@ -85,6 +90,17 @@ def _event_text(event: dict[str, Any]) -> str:
         return f"epoch {event['epoch']} rolled back ({event['reason']}), peak lr {event['peak_lr']:.3g}"
     return (f"epoch {event['epoch']}: BatchNorm statistics re-estimated (val {event['val_before']:.1f}% -> "
             f"{event['val_after']:.1f}%)")
+
+
+def training_data(ctx: RunContext, config) -> DataBundle:
+    """The run's data, with labels withheld as the config's ``transfer`` source says (recorded in the report)."""
+    source = getattr(config, "source", None)
+    if source is None:
+        return ctx.data
+    data = keep_labels(ctx.data, source.labeled_fraction, ctx.recipe.seed)
+    ctx.report_data.setdefault("transfer", {})[type(config).__name__] = {
+        "labeled_fraction": source.labeled_fraction, **label_counts(data)}
+    return data
 
 
 def check_alive(result: FitResult, label: str, num_classes: int, guard) -> None:
@@ -140,7 +156,8 @@ class DistillStage(Stage[DistillConfig]):
     def run(self, ctx: RunContext) -> None:
         objective = DistillObjective.from_config(ctx.teacher, self.config)
         config = self.config.concrete(ctx.student_from_weights)
-        result = fit(ctx.student, objective, ctx.data, config, ctx.stage_dir(self.name), device=ctx.device,
+        data = training_data(ctx, config)
+        result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
         record_training(ctx, self.name, result, objective, config)
@@ -154,7 +171,8 @@ class FinetuneStage(Stage[FinetuneConfig]):
     def run(self, ctx: RunContext) -> None:
         objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
         config = self.config.concrete(ctx.student_from_weights)
-        result = fit(ctx.student, objective, ctx.data, config, ctx.stage_dir(self.name), device=ctx.device,
+        data = labeled_only(training_data(ctx, config))  # hard labels only: unlabeled inputs teach nothing here
+        result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
         record_training(ctx, self.name, result, objective, config)

@@ -32,6 +32,8 @@ class GuardConfig(StrictModel):
     lr_factor: float = Field(0.3, gt=0.0, lt=1.0, description="every lr is multiplied by this at each rollback")
     explode_factor: float = Field(10.0, gt=1.0, description="a step loss above this x max(first loss, ln C) "
                                                             "counts as exploding")
+    chance_after_steps: int = Field(50, ge=0, description="train accuracy at chance counts only after this many "
+                                    "optimizer steps (a first epoch of 2 steps proves nothing)")
     chance_margin: float = Field(0.05, ge=0.0, lt=1.0, description="'at chance' means at most chance + this share "
                                                                  "of the way from chance to 100%")
     max_drop_from_start: float | None = Field(

@@ -78,14 +78,16 @@ def step_problem(loss: float, reference: float | None, num_classes: int, guard: 
 
 def epoch_problem(train_accuracy: float, val_accuracy: float, start_accuracy: float | None, num_classes: int,
                   guard: GuardConfig, train_loss: float | None = None,
-                  reference_loss: float | None = None) -> str | None:
+                  reference_loss: float | None = None, steps: int | None = None) -> str | None:
     """Why a finished epoch counts as diverged, or None (train accuracy NaN: no labeled samples).
 
     Train accuracy at chance counts only when the epoch's mean loss is not at least 10% below the run's
     first loss: a heavily pruned student may sit at chance for a warm-up epoch while its loss falls,
-    and lowering its lr then would only slow it down."""
+    and lowering its lr then would only slow it down; nor before ``guard.chance_after_steps`` steps
+    (``steps``: optimizer steps since the start or the last rollback)."""
     stalled = train_loss is None or reference_loss is None or not train_loss < 0.9 * reference_loss
-    if not math.isnan(train_accuracy) and stalled and at_chance(train_accuracy, num_classes, guard.chance_margin):
+    enough = steps is None or steps >= guard.chance_after_steps
+    if not math.isnan(train_accuracy) and stalled and enough and at_chance(train_accuracy, num_classes, guard.chance_margin):
         return f"train accuracy {train_accuracy:.2f}% is at chance ({chance(num_classes):.1f}%) and the loss is not falling"
     alive_start = start_accuracy is not None and not at_chance(start_accuracy, num_classes, guard.chance_margin)
     if alive_start and guard.max_drop_from_start is not None \

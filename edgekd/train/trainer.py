@@ -95,6 +95,7 @@ class _State:
     start_val_accuracy: float | None = None
     reference_loss: float | None = None  # the run's first step loss: the scale 'exploding' is judged on
     guard_events: list[dict[str, Any]] = field(default_factory=list)
+    steps_at_rollback: int = 0  # the schedule's step count when the last rollback restored it
 
 
 # -- RNG state as plain tensors (weights_only checkpoints cannot hold numpy arrays or tuples) --------
@@ -317,8 +318,10 @@ def fit(
                         val_acc, val_loss = evaluate(model, data.val_x, data.val_y, device=device,
                                                      mixed_precision=config.mixed_precision)
                         if config.guard.enabled:
+                            steps = scheduler.last_epoch - state.steps_at_rollback
                             val_acc, val_loss = _check_epoch(model, data, config, row, val_acc, val_loss, state,
-                                                             batch_size, seed, device, label, epoch, console, main)
+                                                             batch_size, seed, device, label, epoch, console, main,
+                                                             steps)
                     except Diverged as why:
                         _roll_back(why, good, model, extra, optimizer, scheduler, scaler, config, state, epoch,
                                    label, console, main, workdir)
@@ -364,13 +367,14 @@ def fit(
 
 
 def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size, seed, device, label, epoch,
-                 console, main) -> tuple[float, float]:
+                 console, main, steps: int) -> tuple[float, float]:
     """The guard's end-of-epoch checks. Raises ``Diverged`` for a rollback; re-estimates BatchNorm
     statistics when train accuracy is high but val at chance, and stops with ``TrainingDivergedError``
     when even that leaves val at chance. Returns the (possibly re-measured) val accuracy and loss."""
     guard, classes = config.guard, data.num_classes
     problem = epoch_problem(row["train_accuracy"], val_acc, state.start_val_accuracy, classes, guard,
-                            train_loss=row["train_loss"], reference_loss=state.reference_loss)
+                            train_loss=row["train_loss"], reference_loss=state.reference_loss,
+                            steps=steps)
     if problem is not None:
         raise Diverged(problem, train_accuracy=row["train_accuracy"], val_accuracy=val_acc)
     if not (learned(row["train_accuracy"], classes) and at_chance(val_acc, classes, guard.chance_margin)):
@@ -418,6 +422,7 @@ def _roll_back(why: Diverged, good: Snapshot, model, extra, optimizer, scheduler
                  "--resume then continues from the last good checkpoint")
     lrs = roll_back(good, model, extra, optimizer, scheduler, scaler, guard.lr_factor)
     _set_rng_state(good.rng)
+    state.steps_at_rollback = scheduler.last_epoch
     event = {"epoch": epoch, "action": "rollback", "reason": f"{why.reason} at epoch {epoch}"
              f"{why.facts.get('where', '')}", "to_epoch": state.epoch, "lr_factor": guard.lr_factor,
              "peak_lr": lrs[0]}
@@ -538,6 +543,7 @@ def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state:
         "start_val_accuracy": state.start_val_accuracy,
         "reference_loss": state.reference_loss,
         "guard_events": state.guard_events,
+        "steps_at_rollback": state.steps_at_rollback,
         "config": config.model_dump(mode="json"),
     }, workdir / LAST)
 
@@ -558,7 +564,8 @@ def _load_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, label)
     state = _State(epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
                    since_best=ckpt["since_best"], stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]),
                    start_val_accuracy=ckpt.get("start_val_accuracy"), reference_loss=ckpt.get("reference_loss"),
-                   guard_events=list(ckpt.get("guard_events", [])))
+                   guard_events=list(ckpt.get("guard_events", [])),
+                   steps_at_rollback=int(ckpt.get("steps_at_rollback", 0)))
     best_path = workdir / BEST
     if best_path.is_file():
         best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
