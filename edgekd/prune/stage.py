@@ -23,6 +23,7 @@ from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import LatencyTarget, PruneConfig, RatioTarget, ReductionTarget, SpeedupTarget
 from edgekd.prune.importance import NEEDS_BATCHNORM, NEEDS_GRADIENTS, has_batchnorm
+from edgekd.prune.iterative import StepRecorder, student_alive
 from edgekd.prune.latency import export_shipping, measure_models_at, timing_batch
 from edgekd.prune.pruner import (
     channel_rows,
@@ -66,26 +67,6 @@ def probe_latency(models: dict[str, nn.Module], samples: torch.Tensor, config: P
         row["speedup_vs_teacher"] = round(paired_speedup(timed["teacher"], timed["student"]), 3)
         rows.append(row)
     return rows
-
-
-def student_alive(model: nn.Module, x: torch.Tensor, accuracy: float, num_classes: int) -> dict[str, Any]:
-    """Whether the pruned student still computes something: a finite forward and a val accuracy
-    clearly above chance (more than 1.5x of 100 / classes). Never raises: the finding is data."""
-    chance = 100.0 / max(1, num_classes)
-    try:
-        with torch.no_grad():
-            finite = bool(torch.isfinite(model.eval()(x)).all())
-    except Exception:  # noqa: BLE001 - a forward that fails is as dead as one that is not finite
-        finite = False
-    alive = finite and accuracy > 1.5 * chance
-    verdict: dict[str, Any] = {"alive": alive, "finite": finite, "val_accuracy": round(accuracy, 3),
-                               "chance_accuracy": round(chance, 3)}
-    if not alive:
-        verdict["note"] = ("the pruned student's forward is not finite" if not finite else
-                           f"the pruned student is at chance ({accuracy:.1f}% vs {chance:.1f}%) after BatchNorm "
-                           "recalibration: too much was cut, or a cut broke a coupling the tracer missed; lower the "
-                           "ratio or add the suspect layers to prune.ignored_layers")
-    return verdict
 
 
 @register_stage(PruneConfig)
@@ -161,11 +142,17 @@ class PruneStage(Stage[PruneConfig]):
             return ctx.data.train_loader(cfg.batch_size, seed=ctx.recipe.seed)
 
         env = PruneEnv(config=cfg, samples=samples, teacher=teacher, gradient_batches=train_batches)
-        outcome = reach_target(student, env)
+        # after every step: BatchNorm recalibration, accuracy; between steps: recovery training
+        recorder = StepRecorder(config=cfg, data=ctx.data, teacher=teacher, workdir=ctx.stage_dir("prune") / "recovery",
+                                device=ctx.device, seed=ctx.recipe.seed)
+        outcome = reach_target(student, env, after_step=recorder)
         pruned = outcome.model.eval()
         after = {**_counts(pruned, example), "widths": layer_widths(pruned)}
         changed = (after["params"], after["macs"]) != (before["params"], before["macs"])
-        recalibrated = recalibrate_batchnorm(pruned, train_batches(), cfg.bn_recalibration_batches) if changed else 0
+        if recorder.rows:  # the last step was recalibrated by the recorder
+            recalibrated = recorder.recalibrated
+        else:
+            recalibrated = recalibrate_batchnorm(pruned, train_batches(), cfg.bn_recalibration_batches) if changed else 0
         pruned.eval()
         kept_whole = kept_whole_rows(before["widths"], after["widths"], outcome.plan, outcome.ratio) \
             if outcome.plan is not None else []
@@ -175,6 +162,10 @@ class PruneStage(Stage[PruneConfig]):
         latency = probe_latency(timed, samples, cfg)
         accuracy = top1_accuracy(pruned, *ctx.data.val_tensors())
         alive = student_alive(pruned, ctx.data.val_tensors(64)[0], accuracy, ctx.data.num_classes)
+        if changed and not recorder.rows:  # a searched target pruned in one step: the candidate kept
+            recorder.rows.append({"step": 1, "channel_ratio": outcome.ratio, "params": after["params"],
+                                  "macs": after["macs"], "val_accuracy": round(accuracy, 3),
+                                  "alive": alive["alive"], "finite": alive["finite"]})
 
         data = {
             "importance": cfg.importance,
@@ -196,6 +187,10 @@ class PruneStage(Stage[PruneConfig]):
             "bn_recalibration_batches": recalibrated,
             "val_accuracy_after_prune": round(accuracy, 3),
             "alive": alive,
+            # one row per iterative step: {step, channel_ratio, params, macs, val_accuracy, alive, recovery}
+            "steps": recorder.rows,
+            "recovery": (cfg.recovery.model_dump() if cfg.steps > 1 else None),
+            **({"recovery_skipped": recorder.skipped} if recorder.skipped else {}),
             # every prunable layer left at full width or cut less than asked, and why
             "kept_whole": kept_whole,
             "groups_kept_whole": [{"root": f.root, "layers": f.layers, "reason": f.reason()}
@@ -208,6 +203,8 @@ class PruneStage(Stage[PruneConfig]):
         atomic_write_json(report_file, data)
         ctx.stage_outputs.append(report_file)
         notes = {"target": outcome.target, "reached": outcome.reached, "channel_ratio": outcome.ratio}
+        if len(recorder.rows) > 1:
+            notes["val_by_step"] = recorder.notes()
         if latency:
             notes["ort_speedup"] = {f"bs{r['batch_size']}x{r['threads']}t": r["speedup_vs_teacher"] for r in latency}
         ctx.ledger.append(LedgerRow(stage="prune", params=after["params"], macs=after["macs"],

@@ -44,6 +44,10 @@ SEARCH_TIMING = {"min_time_s": 0.5, "min_iters": 20}
 VERIFY_TIMING = {"min_time_s": 2.0, "min_iters": 40}
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+#: called after each iterative step with (model, step, steps, channel ratio reached): BatchNorm
+#: recalibration, accuracy and recovery training between steps (``edgekd.prune.iterative``); step 1
+#: again means a restart
+AfterStep = Callable[[nn.Module, int, int, float], None]
 
 
 @dataclass
@@ -67,6 +71,7 @@ class PruneOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)
     layout: str = ""  # how the channel ratio was applied when not uniformly ("with 3 layer(s) at 0.253")
     plan: PruningPlan | None = None  # the plan that cut ``model`` (reasons for layers kept whole)
+    layer_ratios: dict[str, float] | None = None  # layers pruned at another ratio than ``ratio``
 
 
 # -- pruning one model at one ratio -------------------------------------------------------
@@ -75,9 +80,10 @@ MAX_BROKEN_GROUPS = 32
 
 
 def prune_at_ratio(model: nn.Module, env: PruneEnv, ratio: float,
-                   layer_ratios: dict[str, float] | None = None) -> PruningPlan:
+                   layer_ratios: dict[str, float] | None = None, after_step: AfterStep | None = None) -> PruningPlan:
     """Prune ``model`` in place to ``ratio`` (``layer_ratios`` for some layers by name) in
-    ``config.steps`` iterative steps.
+    ``config.steps`` iterative steps; ``after_step(model, step, steps, channel_ratio)`` runs after
+    each one (a restart after a broken group calls it from step 1 again).
 
     Weight normalisation is folded first. A coupled group torch-pruning cannot score, or whose
     cut breaks the forward (``GroupBroke``), is kept whole: the model is restored and pruned
@@ -92,11 +98,15 @@ def prune_at_ratio(model: nn.Module, env: PruneEnv, ratio: float,
         plan = build_plan(model, env.samples, config, ratio=ratio, steps=config.steps, layer_ratios=layer_ratios,
                           kept_whole=kept)
         try:
-            for _ in range(plan.steps_left):
+            steps = plan.steps_left
+            for step in range(1, steps + 1):
                 if config.importance in NEEDS_GRADIENTS:
-                    # fresh gradients each step: the previous step changed the network
+                    # fresh gradients each step: the previous step (and its recovery) changed the network
                     accumulate_taylor_gradients(model, _require(env.gradient_batches)(), config.taylor_batches)
                 plan.step()
+                if after_step is not None:
+                    model.zero_grad(set_to_none=True)
+                    after_step(model, step, steps, plan.pruner.per_step_pruning_ratio[plan.pruner.current_step])
         except GroupBroke as broke:
             _restore(model, backup)
             if any(f.root == broke.failure.root for f in kept):  # keeping it whole did not help
@@ -251,8 +261,9 @@ OBJECTIVES: dict[type, Callable[[Any, PruneEnv], Objective]] = {
 
 
 # -- reaching a target -------------------------------------------------------------------------
-def _reach_ratio(model: nn.Module, env: PruneEnv, target: RatioTarget) -> PruneOutcome:
-    plan = prune_at_ratio(model, env, target.ratio)
+def _reach_ratio(model: nn.Module, env: PruneEnv, target: RatioTarget,
+                 after_step: AfterStep | None = None) -> PruneOutcome:
+    plan = prune_at_ratio(model, env, target.ratio, after_step=after_step)
     return PruneOutcome(model=model, ratio=target.ratio, target=f"channel ratio {target.ratio:g}",
                         reached=f"channel ratio {target.ratio:g}", ignored_layers=plan.ignored,
                         swapped_attention=plan.swapped_attention, plan=plan)
@@ -272,6 +283,7 @@ def _search(model: nn.Module, env: PruneEnv, objective: Objective) -> PruneOutco
     # only the least-pruned candidate that meets the target is kept; keys order candidates by
     # how much they prune: (ratio, 0) for a uniform ratio, (low, k) for low + k layers at a higher one
     kept: dict[tuple, tuple[nn.Module, PruningPlan]] = {}
+    layouts: dict[tuple, dict[str, float] | None] = {}
     measured: dict[tuple, float] = {}  # by layer shapes: rounding maps nearby ratios to one structure
 
     def trial(ratio: float, key: tuple | None = None, layer_ratios: dict[str, float] | None = None) -> bool:
@@ -282,6 +294,7 @@ def _search(model: nn.Module, env: PruneEnv, objective: Objective) -> PruneOutco
         if shapes not in measured:
             measured[shapes] = objective.measure(candidate)
         figure = figures[key] = measured[shapes]
+        layouts[key] = layer_ratios
         widths[key] = layer_widths(candidate)
         met = objective.met(figure)
         trials.append({"ratio": round(ratio, 4), "layers_at_higher_ratio": key[1], "figure": round(figure, 4),
@@ -296,7 +309,8 @@ def _search(model: nn.Module, env: PruneEnv, objective: Objective) -> PruneOutco
         where = f" with {key[1]} layer(s) at {higher:.3f}" if key[1] else ""
         return PruneOutcome(model=candidate, ratio=key[0], target=objective.describe(),
                             reached=objective.format(figures[key]) + where, ignored_layers=plan.ignored,
-                            swapped_attention=plan.swapped_attention, trials=trials, layout=where, plan=plan)
+                            swapped_attention=plan.swapped_attention, trials=trials, layout=where, plan=plan,
+                            layer_ratios=layouts.get(key))
 
     grid = _search_grid(config)
     if trial(0.0):  # the unpruned student already meets it
@@ -378,10 +392,20 @@ def _verified(model: nn.Module, env: PruneEnv, objective: Objective, chosen: Pru
         hint="the machine may be busy; ease the target a little or measure on a quieter machine")
 
 
-def reach_target(model: nn.Module, env: PruneEnv) -> PruneOutcome:
+def reach_target(model: nn.Module, env: PruneEnv, after_step: AfterStep | None = None) -> PruneOutcome:
     """Prune ``model`` to ``env.config.target``. The returned model may be a new object
-    (a searched candidate); use ``outcome.model``. Raises ``TargetUnreachableError``."""
+    (a searched candidate); use ``outcome.model``. Raises ``TargetUnreachableError``.
+
+    ``after_step`` (recovery between iterative steps) runs on the pruning that is kept: for a
+    searched target, candidates are pruned without it and the chosen layout is pruned again with
+    it from ``model`` (the same layer widths: counts depend on the ratios, not on the weights)."""
     target: PruneTarget = env.config.target
     if isinstance(target, RatioTarget):
-        return _reach_ratio(model, env, target)
-    return _search(model, env, OBJECTIVES[type(target)](target, env))
+        return _reach_ratio(model, env, target, after_step)
+    original = copy.deepcopy(model) if after_step is not None and env.config.steps > 1 else None
+    outcome = _search(model, env, OBJECTIVES[type(target)](target, env))
+    if original is None or outcome.ratio <= 0:
+        return outcome
+    plan = prune_at_ratio(original, env, outcome.ratio, outcome.layer_ratios, after_step=after_step)
+    outcome.model, outcome.plan = original, plan
+    return outcome
