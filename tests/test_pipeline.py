@@ -107,3 +107,15 @@ def test_resume_keeps_the_artifacts_of_finished_stages(tmp_path):
     assert manifest["artifacts"] == before
     report = json.loads((out / "report.json").read_text())
     assert {"artifacts/student.onnx", "artifacts/teacher.onnx"} <= {a["path"] for a in report["artifacts"]}
+
+
+def test_a_teacher_at_chance_stops_the_run_instead_of_being_compressed(tmp_path):
+    out = tmp_path / "run"
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    sets = _sets(QUICK + ["teacher.train.epochs=1", "teacher.train.lr=1e-7", "teacher.train.warmup_epochs=0",
+                          "teacher.train.guard={enabled: false}", "benchmark=null", "gate=null"])
+    proc = _edgekd("compress", recipe, *sets, "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1 and "chance" in proc.stderr and "teaches nothing" in proc.stderr, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"][0]["status"] == "failed" and "chance" in manifest["stages"][0]["error"]
+    assert all(s["status"] == "pending" for s in manifest["stages"][1:])  # nothing was pruned or distilled

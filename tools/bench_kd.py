@@ -2,8 +2,8 @@
 
 Every method gets the same epochs, optimizer and schedule, and runs with three seeds (the
 seed sets the batch order and, for models built from scratch, the initial weights); tables
-show mean ± standard deviation of validation top-1. ``best`` is the best epoch's accuracy
-(what ``fit`` keeps), ``last`` the final epoch's (no selection on the validation split).
+show mean ± standard deviation of top-1 on the test split (which no choice saw) of the model
+``fit`` keeps (its best epoch on the val split), and that best val top-1.
 
 1. digits (scikit-learn's real scans): ResNet-56 teacher; student = the teacher pruned 50% and
    70% of channels (torch-pruning via ``edgekd.prune``, L2 magnitude, per layer); finetune vs
@@ -14,11 +14,18 @@ show mean ± standard deviation of validation top-1. ``best`` is the best epoch'
    vs kd vs kd at T=1.
 3. Epoch time of kd with and without the teacher-output cache (ResNet-56 → 50% student),
    runs interleaved so machine load affects both alike.
+4. ``transfer``: 10% of the training labels kept (stratified by seed). The teacher, trained on the
+   whole labeled split, stands for a model trained elsewhere on more data. kd = the distill
+   stage's ``transfer`` source (KD over every training input, CE on the labeled tenth); finetune =
+   hard labels on the labeled tenth, 10x the epochs so both take the same number of steps. On
+   digits and MNIST-1D, for a student pruned 50% from the teacher and one of another architecture
+   (an MLP), with the recovery defaults (``DistillConfig``/``FinetuneConfig``).
 
     python tools/bench_kd.py            # full (about 30-60 min on 2 busy cores)
     python tools/bench_kd.py --quick    # smaller images, fewer epochs (about 10-15 min)
     python tools/bench_kd.py --sections digits --ratios 0.7 --teacher-epochs 40 --epochs 30
     python tools/bench_kd.py --sections mnist1d --augment 3    # shifted signals, teacher and students
+    python tools/bench_kd.py --sections transfer --labeled-fraction 0.1
 
 Measured here (full tables in docs/distill.md): a student pruned from its teacher recovers as
 much by fine-tuning as by KD, on digits (ResNet-56 -70%, 30 epochs: kd 98.14 ± 0.16 vs finetune
@@ -72,29 +79,45 @@ def train(model, objective: Objective, data, config: TrainConfig, seed: int = 0)
 
 def compare(methods: dict[str, Callable[[], Objective]], make_student: Callable[[int], torch.nn.Module], data,
             config: TrainConfig, label: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Each method × each seed; prints one row per method and returns {method: (best, last)}."""
+    """Each method × each seed on the same data and config; see ``compare_runs``."""
+    return compare_runs({name: (make, data, config) for name, make in methods.items()}, make_student, data, label)
+
+
+def compare_runs(runs: dict[str, tuple[Callable[[], Objective], object, TrainConfig]],
+                 make_student: Callable[[int], torch.nn.Module], scored, label: str,
+                 seeds: tuple[int, ...] = SEEDS) -> dict[str, tuple[list[float], list[float]]]:
+    """Each method (objective, training data, config) × each seed; prints one row per method and returns
+    {method: (test top-1 of the kept model, its best val top-1)}; ``scored`` holds the test split."""
     results = {}
-    for name, make_objective in methods.items():
-        best, last = [], []
+    for name, (make_objective, data, config) in runs.items():
+        test, val = [], []
         started = time.perf_counter()
-        for seed in SEEDS:
-            result = train(make_student(seed), make_objective(), data, config, seed)
-            best.append(result.best_val_accuracy)
-            last.append(result.history[-1]["val_accuracy"])
-        results[name] = (best, last)
-        print(f"{label:<16}{name:<12}{mean_std(best):>16}{mean_std(last):>16}"
-              f"   {' '.join(f'{b:.1f}' for b in best):<18}{time.perf_counter() - started:7.0f} s", flush=True)
+        for seed in seeds:
+            student = make_student(seed)
+            result = train(student, make_objective(), data, config, seed)
+            test.append(top1_accuracy(student, *scored.test_tensors()))
+            val.append(result.best_val_accuracy)
+        results[name] = (test, val)
+        print(f"{label:<24}{name:<12}{mean_std(test):>16}{mean_std(val):>16}"
+              f"   {' '.join(f'{b:.1f}' for b in test):<18}{time.perf_counter() - started:7.0f} s", flush=True)
     return results
 
 
 def verdict(results: dict[str, tuple[list[float], list[float]]], baseline: str = "finetune") -> str:
-    base = statistics.mean(results[baseline][0])
-    return ", ".join(f"{name} {statistics.mean(best) - base:+.2f} pt" for name, (best, _) in results.items()
-                     if name != baseline)
+    """Each method's mean test top-1 against the baseline's, and whether it is within one standard deviation."""
+    base = results[baseline][0]
+    sd = statistics.stdev(base) if len(base) > 1 else 0.0
+    parts = []
+    for name, (test, _) in results.items():
+        if name == baseline:
+            continue
+        delta = statistics.mean(test) - statistics.mean(base)
+        parts.append(f"{name} {delta:+.2f} pt ({'>=' if delta >= -sd else '<'} finetune - 1 sd {sd:.2f})")
+    return ", ".join(parts)
 
 
 def header() -> None:
-    print(f"{'':<16}{'method':<12}{'best top-1':>16}{'last top-1':>16}   {'best per seed':<18}{'time':>9}")
+    print(f"{'':<24}{'method':<12}{'test top-1':>16}{'best val':>16}   {'test per seed':<18}{'time':>9}")
 
 
 def digits_section(args) -> dict[float, dict]:
@@ -106,8 +129,9 @@ def digits_section(args) -> dict[float, dict]:
           TrainConfig(epochs=args.teacher_epochs, augment=args.augment))
     teacher.eval()
     t_params, t_macs = count_params_macs(teacher, data.example_batch(1))
-    t_acc = top1_accuracy(teacher, data.val_x, data.val_y)
-    print(f"\n## digits {data.input_shape}: {len(data.train)} train / {len(data.val)} val; ResNet-56 teacher "
+    t_acc = top1_accuracy(teacher, *data.test_tensors())
+    print(f"\n## digits {data.input_shape}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test; "
+          f"ResNet-56 teacher "
           f"{t_params:,} params, {t_macs / 1e6:.1f} MMACs, top-1 {t_acc:.2f}% "
           f"({args.teacher_epochs} epochs, {time.perf_counter() - started:.0f} s)")
     print(f"students: {args.epochs} epochs each, SGD lr 0.05 cosine; kd T=4 alpha=0.9; hint on layer2 (MSE, "
@@ -132,10 +156,10 @@ def prune_and_compare(teacher, data, ratio: float, methods, config: TrainConfig,
     params, macs = count_params_macs(pruned, example)
     print(f"\n### pruned {ratio:.0%}: {params:,} params ({t_params / params:.1f}x fewer), {macs / 1e6:.2f} MMACs "
           f"({t_macs / macs:.1f}x fewer); top-1 right after pruning "
-          f"{top1_accuracy(pruned, data.val_x, data.val_y):.1f}%")
+          f"{top1_accuracy(pruned, data.val_x, data.val_y):.1f}% val")
     header()
     results = compare(methods, lambda _seed: copy.deepcopy(pruned), data, config, f"{label} {ratio:.0%}")
-    print(f"vs finetune (best): {verdict(results)}")
+    print(f"vs finetune (test): {verdict(results)}")
     return results
 
 
@@ -148,8 +172,9 @@ def mnist1d_section(args) -> dict:
           TrainConfig(epochs=30, optimizer="adamw", lr=3e-3, weight_decay=1e-2, batch_size=100,
                       augment=args.augment))
     teacher.eval()
-    t_acc = top1_accuracy(teacher, data.val_x, data.val_y)
-    print(f"\n## MNIST-1D: {len(data.train)} train / {len(data.val)} test; CNN teacher top-1 {t_acc:.2f}% "
+    t_acc = top1_accuracy(teacher, *data.test_tensors())
+    print(f"\n## MNIST-1D: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test; CNN teacher "
+          f"test top-1 {t_acc:.2f}% "
           f"(paper 94%; 30 epochs, {time.perf_counter() - started:.0f} s)")
     # the MNIST-1D paper's MLP recipe: hidden 256, Adam lr 1e-2, batch 100, no weight decay
     config = TrainConfig(epochs=args.mlp_epochs, optimizer="adamw", lr=1e-2, weight_decay=0.0, batch_size=100,
@@ -165,7 +190,7 @@ def mnist1d_section(args) -> dict:
     results = compare({"finetune": lambda: CrossEntropyObjective(),
                        "kd": lambda: DistillObjective(teacher, [KD], temperature=4.0, alpha=0.9)},
                       make_mlp, data, config, "mnist1d mlp")
-    print(f"vs finetune (best): {verdict(results)}")
+    print(f"vs finetune (test): {verdict(results)}")
 
     # The same CNN pruned: unlike digits, the 70% student has room to grow (it recovers to ~87%
     # against the teacher's ~93%), so this is where a KD advantage would show if there were one.
@@ -206,11 +231,80 @@ def cache_section(args) -> None:
           f"{statistics.median(build):.2f} s")
 
 
+def transfer_section(args) -> dict:
+    """10% of the labels: KD over every training input (the ``transfer`` source) vs fine-tuning on the labeled
+    share, for a pruned student and one of another architecture, on digits and MNIST-1D."""
+    from edgekd.data import mnist1d_bundle
+    from edgekd.data.transfer import keep_labels, label_counts, labeled_only
+    from edgekd.distill.config import DistillConfig, FinetuneConfig, TransferSource
+
+    fraction = args.labeled_fraction
+    source = TransferSource(kind="transfer", labeled_fraction=fraction)
+    datasets = {
+        "digits": (digits_bundle(image_size=args.image_size), "resnet20", {"width": 16},
+                   TrainConfig(epochs=args.teacher_epochs), {}),
+        "mnist1d": (mnist1d_bundle(), "cnn1d", {},
+                    TrainConfig(epochs=30, optimizer="adamw", lr=3e-3, weight_decay=1e-2, batch_size=100),
+                    {"optimizer": "adamw", "batch_size": 100}),
+    }
+    out = {}
+    for name in args.transfer_datasets:
+        full, arch, kwargs, teacher_cfg, opt = datasets[name]
+        torch.manual_seed(0)
+        teacher = build_model(arch, num_classes=full.num_classes, input_shape=full.input_shape, **kwargs)
+        started = time.perf_counter()
+        train(teacher, CrossEntropyObjective(), full, teacher_cfg)
+        teacher.eval()
+        print(f"\n## transfer, {name}: teacher {arch} trained on all {len(full.train)} labeled samples, test top-1 "
+              f"{top1_accuracy(teacher, *full.test_tensors()):.2f}% ({time.perf_counter() - started:.0f} s)")
+        pruned = copy.deepcopy(teacher)
+        prune_at_ratio(pruned, PruneEnv(config=PruneConfig(ratio=0.5, probe=None),
+                                        samples=full.calibration_batch(64), teacher=teacher), 0.5)
+
+        def mlp(seed: int, data=full) -> torch.nn.Module:
+            torch.manual_seed(seed)
+            return build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, hidden=256)
+
+        students = {"pruned 50%": (lambda _seed, p=pruned: copy.deepcopy(p), True),
+                    "mlp": (mlp, False)}
+        out[name] = {}
+        for student_name, (make, from_weights) in students.items():
+            results_by_seed: dict[str, tuple[list[float], list[float]]] = {}
+            for seed in SEEDS:  # the labeled tenth is chosen by the seed too
+                few = keep_labels(full, fraction, seed)
+                kd_cfg = DistillConfig(epochs=args.transfer_epochs, source=source, **opt).concrete(from_weights)
+                ft_cfg = FinetuneConfig(epochs=round(args.transfer_epochs / fraction), **opt).concrete(from_weights)
+                if not from_weights and opt.get("optimizer") == "adamw":  # the MNIST-1D paper's MLP recipe
+                    kd_cfg = kd_cfg.model_copy(update={"lr": 1e-2, "weight_decay": 0.0})
+                    ft_cfg = ft_cfg.model_copy(update={"lr": 1e-2, "weight_decay": 0.0})
+                runs = {"finetune": (lambda: CrossEntropyObjective(), labeled_only(few), ft_cfg),
+                        "kd": (lambda c=kd_cfg, t=teacher: DistillObjective.from_config(t, c), few, kd_cfg)}
+                # one seed at a time: the labeled share follows the seed too
+                one = compare_runs(runs, make, full, f"{name} {student_name} s{seed}", seeds=(seed,))
+                for method, (test, val) in one.items():
+                    acc = results_by_seed.setdefault(method, ([], []))
+                    acc[0].extend(test)
+                    acc[1].extend(val)
+            counts = label_counts(keep_labels(full, fraction, 0))
+            print(f"### {name}, {student_name}, {fraction:.0%} labels ({counts['labeled']} labeled, "
+                  f"{counts['unlabeled']} inputs only), {len(SEEDS)} seeds")
+            header()
+            for method, (test, val) in results_by_seed.items():
+                print(f"{name:<24}{method:<12}{mean_std(test):>16}{mean_std(val):>16}   "
+                      f"{' '.join(f'{b:.1f}' for b in test):<18}")
+            print(f"vs finetune (test): {verdict(results_by_seed)}", flush=True)
+            out[name][student_name] = results_by_seed
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8x8 digits and fewer epochs")
-    parser.add_argument("--sections", nargs="+", default=["digits", "mnist1d", "cache"],
-                        choices=["digits", "mnist1d", "cache"])
+    parser.add_argument("--sections", nargs="+", default=["digits", "mnist1d", "cache", "transfer"],
+                        choices=["digits", "mnist1d", "cache", "transfer"])
+    parser.add_argument("--labeled-fraction", type=float, default=0.1, help="transfer: share of labels kept")
+    parser.add_argument("--transfer-datasets", nargs="+", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
+    parser.add_argument("--transfer-epochs", type=int, default=None, help="transfer: kd epochs (default 15)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--augment", type=int, default=0, metavar="SHIFT",
@@ -226,13 +320,15 @@ def main() -> None:
     args.cnn_epochs = 15 if args.quick else 30
     args.augment = AugmentConfig(shift=args.augment) if args.augment else None
     args.cache_epochs, args.cache_rounds = (2, 2) if args.quick else (3, 3)
+    args.transfer_epochs = args.transfer_epochs or (8 if args.quick else 15)
 
     torch.set_num_threads(args.threads)
     print(f"# KD benchmark{' (quick)' if args.quick else ''}: {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} thread(s), seeds {list(SEEDS)}, "
           f"augment {args.augment}; the machine is shared, "
           f"so times are indicative")
-    sections = {"digits": digits_section, "mnist1d": mnist1d_section, "cache": cache_section}
+    sections = {"digits": digits_section, "mnist1d": mnist1d_section, "cache": cache_section,
+                "transfer": transfer_section}
     for name in args.sections:
         sections[name](args)
 
