@@ -141,6 +141,167 @@ class GatedNet(nn.Module):
         return self.fc((y * self.se(y)).mean((2, 3)))
 
 
+class ChunkGateNet(nn.Module):
+    """A GLU-style gate: one conv's output chunked in two, one half times the sigmoid of the other."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.expand = nn.Conv2d(32, 64, 1)
+        self.proj = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.expand(x).chunk(2, dim=1)
+        y = a * torch.sigmoid(b)
+        return self.fc(self.proj(y).mean((2, 3)))
+
+
+# -- torchvision's ShuffleNetV2 (torchvision/models/shufflenetv2.py, BSD-3-Clause), copied as it is:
+# only the stem's 3 input channels became a parameter (digits have one) and the API-usage log is gone.
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+
+    # reshape
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+
+    x = torch.transpose(x, 1, 2).contiguous()
+
+    # flatten
+    x = x.view(batchsize, num_channels, height, width)
+
+    return x
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp: int, oup: int, stride: int) -> None:
+        super().__init__()
+
+        if not (1 <= stride <= 3):
+            raise ValueError("illegal stride value")
+        self.stride = stride
+
+        branch_features = oup // 2
+        if (self.stride == 1) and (inp != branch_features << 1):
+            raise ValueError(
+                f"Invalid combination of stride {stride}, inp {inp} and oup {oup} values. If stride == 1 then "
+                f"inp should be equal to oup // 2 << 1."
+            )
+
+        if self.stride > 1:
+            self.branch1 = nn.Sequential(
+                self.depthwise_conv(inp, inp, kernel_size=3, stride=self.stride, padding=1),
+                nn.BatchNorm2d(inp),
+                nn.Conv2d(inp, branch_features, kernel_size=1, stride=1, padding=0, bias=False),
+                nn.BatchNorm2d(branch_features),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.branch1 = nn.Sequential()
+
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(
+                inp if (self.stride > 1) else branch_features,
+                branch_features,
+                kernel_size=1,
+                stride=1,
+                padding=0,
+                bias=False,
+            ),
+            nn.BatchNorm2d(branch_features),
+            nn.ReLU(inplace=True),
+            self.depthwise_conv(branch_features, branch_features, kernel_size=3, stride=self.stride, padding=1),
+            nn.BatchNorm2d(branch_features),
+            nn.Conv2d(branch_features, branch_features, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(branch_features),
+            nn.ReLU(inplace=True),
+        )
+
+    @staticmethod
+    def depthwise_conv(
+        i: int, o: int, kernel_size: int, stride: int = 1, padding: int = 0, bias: bool = False
+    ) -> nn.Conv2d:
+        return nn.Conv2d(i, o, kernel_size, stride, padding, bias=bias, groups=i)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+
+        out = channel_shuffle(out, 2)
+
+        return out
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(
+        self,
+        stages_repeats: list[int],
+        stages_out_channels: list[int],
+        num_classes: int = 1000,
+        inverted_residual=InvertedResidual,
+        input_channels: int = 3,
+    ) -> None:
+        super().__init__()
+
+        if len(stages_repeats) != 3:
+            raise ValueError("expected stages_repeats as list of 3 positive ints")
+        if len(stages_out_channels) != 5:
+            raise ValueError("expected stages_out_channels as list of 5 positive ints")
+        self._stage_out_channels = stages_out_channels
+
+        output_channels = self._stage_out_channels[0]
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(input_channels, output_channels, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(output_channels),
+            nn.ReLU(inplace=True),
+        )
+        input_channels = output_channels
+
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        # Static annotations for mypy
+        self.stage2: nn.Sequential
+        self.stage3: nn.Sequential
+        self.stage4: nn.Sequential
+        stage_names = [f"stage{i}" for i in [2, 3, 4]]
+        for name, repeats, output_channels in zip(stage_names, stages_repeats, self._stage_out_channels[1:],
+                                                  strict=False):
+            seq = [inverted_residual(input_channels, output_channels, 2)]
+            for _ in range(repeats - 1):
+                seq.append(inverted_residual(output_channels, output_channels, 1))
+            setattr(self, name, nn.Sequential(*seq))
+            input_channels = output_channels
+
+        output_channels = self._stage_out_channels[-1]
+        self.conv5 = nn.Sequential(
+            nn.Conv2d(input_channels, output_channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(output_channels),
+            nn.ReLU(inplace=True),
+        )
+
+        self.fc = nn.Linear(output_channels, num_classes)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        # See note [TorchScript super()]
+        x = self.conv1(x)
+        x = self.maxpool(x)
+        x = self.stage2(x)
+        x = self.stage3(x)
+        x = self.stage4(x)
+        x = self.conv5(x)
+        x = x.mean([2, 3])  # globalpool
+        x = self.fc(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_impl(x)
+
+
 class FusedAttention(nn.Module):
     """One fused qkv Linear, heads by reshape and indexing."""
 
@@ -309,6 +470,43 @@ def test_gates_prune_around_the_one_channel_gate(images):
     assert after["stem.0"]["width"] == 16 and after["mid.0"]["width"] == 32 and after["se.3"]["width"] == 32
     assert after["conv.0"]["width"] == 32 and "1-channel output of gate" in rows["conv.0"]["reason"]
     assert after["se.1"]["width"] == 8  # squeeze 16 -> 8
+
+
+def _rows_kept(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """Which rows of ``original`` the rows of ``pruned`` are (pruning copies weights, never changes them)."""
+    return [int(torch.cdist(row[None], original).argmin()) for row in pruned]
+
+
+def test_chunk_gate_loses_the_same_positions_in_both_halves(images):
+    """expand's 64 outputs are two halves multiplied together (a * sigmoid(b)): torch-pruning's
+    out_channel_groups={expand: 2} cuts the same positions from both, 16 + 16 (round_to 8 per half)."""
+    model = _ready(ChunkGateNet(), images)
+    stem, expand = model.stem[0].weight.detach().flatten(1), model.expand.weight.detach().flatten(1)
+    _, before, after, rows = _prune(model, images)
+    assert after["expand"]["width"] == 32 and model.proj[0].in_channels == 16 and after["stem.0"]["width"] == 16
+    stem_kept = _rows_kept(model.stem[0].weight.detach().flatten(1), stem)
+    kept = _rows_kept(model.expand.weight.detach().flatten(1), expand[:, stem_kept])
+    first, second = [k for k in kept if k < 32], [k - 32 for k in kept if k >= 32]
+    assert first == second and len(first) == 16  # a's channel j is kept with b's channel j, in order
+    assert "expand" not in rows  # cut as asked: no kept-whole line
+
+
+def test_torchvision_shufflenet_v2_prunes_its_branches_and_keeps_the_shuffled_streams(images):
+    """torchvision's ShuffleNetV2 made torch-pruning divide by zero (three blocks in a stage): the
+    5-D view of each channel shuffle is not index-mapped, the groups through it are kept whole with
+    the shuffle named, and every branch's inner 1x1 and depthwise conv lose half their channels."""
+    torch.manual_seed(0)
+    model = _ready(ShuffleNetV2([3, 1, 1], [16, 32, 64, 128, 128], num_classes=10, input_channels=1), images)
+    plan, before, after, rows = _prune(model, images)
+    for block in ("stage2.0", "stage2.1", "stage2.2", "stage3.0", "stage4.0"):
+        inner = int(before[f"{block}.branch2.0"]["width"])
+        assert after[f"{block}.branch2.0"]["width"] == after[f"{block}.branch2.3"]["width"] == inner // 2, block
+        assert after[f"{block}.branch2.5"]["width"] == inner  # feeds the concatenation and the shuffle
+        reason = rows[f"{block}.branch2.5"]["reason"]
+        assert "channel shuffle" in reason and "reshape/view" in reason
+    assert all(row["reason"] for row in rows.values())
+    assert {f.operation for f in plan.failures} == {"index mapping"}
+    assert after["conv5.0"]["width"] == 64  # the last conv is pruned as usual
 
 
 def test_nothing_prunable_names_the_layer_the_operation_and_an_ignored_layers_entry(digits16):

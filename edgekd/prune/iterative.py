@@ -131,12 +131,14 @@ class StepRecorder:
                          console=self.console, from_weights=True)
         except EdgekdError as exc:  # the guard gave up: keep the pruned weights, the next stage recovers
             model.load_state_dict(saved)
+            model.cpu().eval()
             record["failed"] = exc.message
-        else:
-            record["rollbacks"] = result.rollbacks
-        finally:
-            model.cpu().eval()  # pruning continues on the CPU, where the graph was traced
-        record["val_accuracy_after"] = round(top1_accuracy(model, *self.data.val_tensors()), 3)
+            record["val_accuracy_after"] = round(top1_accuracy(model, *self.data.val_tensors()), 3)
+            return record
+        model.cpu().eval()  # pruning continues on the CPU, where the graph was traced
+        # the trainer keeps its best epoch on val: that epoch's val top-1 is the model's now
+        record["rollbacks"] = result.rollbacks
+        record["val_accuracy_after"] = round(result.best_val_accuracy, 3)
         return record
 
     def notes(self) -> str:

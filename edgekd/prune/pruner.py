@@ -29,6 +29,7 @@ from edgekd.errors import ModelError
 from edgekd.models.adapter import LogitsAdapter
 from edgekd.prune.attention import SplitHeadAttention, split_attention_heads
 from edgekd.prune.config import PruneConfig
+from edgekd.prune.graph_rules import ReshapeState, chunk_gates, guard_groups, reached_unmapped, reshape_rule
 from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
 from edgekd.prune.safety import (
@@ -159,7 +160,28 @@ class EdgePruner(tp.pruner.BasePruner):
     def __init__(self, *args, **kwargs) -> None:
         self.failures: list[GroupFailure] = []
         self.last_root: nn.Module | None = None
-        super().__init__(*args, **kwargs)
+        self.reshapes = ReshapeState()  # reshapes torch-pruning cannot map channels through
+        self.chunk_gates: dict[nn.Module, int] = {}  # layers whose output halves are multiplied together
+        with reshape_rule(self.reshapes):
+            super().__init__(*args, **kwargs)
+        guard_groups(self.DG, self.reshapes)
+        gates = chunk_gates(self.DG)
+        if gates:
+            self.chunk_gates = gates
+            self.out_channel_groups.update(gates)
+            self.initial_total_channels = self._count_channels()
+
+    def _count_channels(self) -> int:
+        """torch-pruning's initial channel count for global ranking (``BasePruner.__init__``), again
+        once channel groups were added after the graph was built."""
+        total = 0
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers, root_module_types=self.root_module_types):
+            if self._is_atten_group(group)[0]:
+                group = self._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            total += self.DG.get_out_channels(group[0][0].target.module) // self._get_channel_groups(group)
+        return total
 
     def _is_atten_group(self, group):
         # called for each group right before its count is rounded (torch-pruning 1.6.1 _prune)
@@ -167,15 +189,25 @@ class EdgePruner(tp.pruner.BasePruner):
         return super()._is_atten_group(group)
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        groups = self._get_channel_groups(self._rounding_group) if self._rounding_group is not None else 1
+        group = self._rounding_group
+        groups = self._get_channel_groups(group) if group is not None else 1
         per_group = current_channels // max(1, groups)
         multiple = max(1, math.lcm(groups, round_to) // groups)
+        if group is not None and any(dep.target.module in self.chunk_gates for dep, _ in group):
+            multiple = round_to  # each chunk of a gate feeds the next layer: it keeps the multiple
         keep = _round_keep(per_group - n_pruned, per_group, multiple)
         return per_group - keep
 
     def estimate_importance(self, group):
         """Score a group; a group torch-pruning cannot map (an IndexError from a split with stored
         sizes, a channel shuffle) is recorded and kept whole (``None`` skips it)."""
+        if reached_unmapped(group):
+            self.failures.append(describe_failure(
+                group, self.model, self.DG, "index mapping",
+                "a reshape of a tensor with more than 4 dimensions reorders these channels (a channel shuffle: "
+                "view to 5-D, transpose, view back), which torch-pruning cannot follow",
+                root=group[0].dep.target.module))
+            return None
         try:
             return self.importance(group)
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping failing on user code
@@ -559,6 +591,8 @@ def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: Pruni
             reason = "an output head (its outputs are the classes, like the classifier's)"
         if reason is None:
             groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+            if groups == getattr(module, "in_channels", 0) or groups == old:
+                groups = 1  # depthwise: one channel per group, rounded like any layer
             if old <= multiple:
                 reason = f"round_to {multiple}: {old} channels is already one multiple"
             elif groups > 1 and new != old:

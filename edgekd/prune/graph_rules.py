@@ -1,0 +1,191 @@
+"""Where torch-pruning's index mapping needs a hint: chunk gates and channel shuffles.
+
+- **Chunk gates** (``a, b = self.expand(x).chunk(2, dim=1); y = a * torch.sigmoid(b)``, GLU-style):
+  output channel ``j`` of ``expand`` is multiplied with channel ``j + C/2``, so the two halves must
+  lose the same positions. torch-pruning does this when told the layer's output comes in
+  ``k`` channel groups (``out_channel_groups={expand: 2}``): it averages the halves' scores and
+  removes each chosen position from every half. ``chunk_gates`` finds such layers on the traced
+  graph: a channel split into equal parts whose parts meet again at one element-wise op.
+- **Channel shuffle** (``x.view(b, g, c // g, h, w)``, ``transpose(1, 2)``, ``view(b, -1, h, w)``,
+  torchvision's ShuffleNetV2): torch-pruning 1.6.1 maps channels only through reshapes of 1-D and
+  4-D tensors, a rule it reads from ``grad_fn._saved_self_sizes``; torch 2 names that
+  ``_saved_self_sym_sizes``, so the rule never applies and the 5-D view of a shuffle reached a
+  division by zero (``ZeroDivisionError`` while building the graph, reported on ShuffleNetV2) or
+  an identity mapping that is wrong for a permutation. ``reshape_rule`` restores the rule while
+  the graph and its groups are built; a group stops at a reshape left unmapped and is kept whole
+  (``EdgePruner.estimate_importance``), the rest of the model is pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping
+
+_OP = tp.ops.OPTYPE
+#: node types a channel passes through unchanged (the walk from a layer to a split and on to the join)
+_CHANNELWISE = {_OP.BN, _OP.ELEMENTWISE, _OP.LN, _OP.GN, _OP.IN, _OP.PRELU}
+#: how far the walks look (nodes)
+_MAX_WALK = 8
+
+
+def _input_sizes(node) -> tuple[int, ...] | None:
+    grad_fn = node.grad_fn
+    for attr in ("_saved_self_sym_sizes", "_saved_self_sizes"):
+        sizes = getattr(grad_fn, attr, None)
+        if sizes is not None:
+            try:
+                return tuple(int(s) for s in sizes)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+class _Unmapped:
+    """The index mapping of every edge at a reshape torch-pruning cannot map: no channel crosses it
+    (the group stops there) and the reshape is noted as reached, so the group is kept whole."""
+
+    def __init__(self, node, state: ReshapeState) -> None:
+        self.node, self.state = node, state
+
+    def __call__(self, idxs):
+        if len(idxs):
+            self.state.reached.add(self.node)
+        return []
+
+
+class ReshapeState:
+    """Per dependency graph: the reshapes left unmapped, and those the group being built reached."""
+
+    def __init__(self) -> None:
+        self.unmapped: set = set()
+        self.reached: set = set()
+
+    def stop_at(self, node) -> None:
+        if node in self.unmapped:
+            return
+        self.unmapped.add(node)
+        stop = _Unmapped(node, self)
+        for dep in node.dependencies:
+            dep.index_mapping[0] = stop
+        for neighbour in [*node.inputs, *node.outputs]:
+            for dep in neighbour.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = stop
+
+
+@contextmanager
+def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
+    """While torch-pruning builds a dependency graph or a group: a reshape whose input has more
+    than 4 dimensions is not index-mapped (torch-pruning's own rule, see the module docstring), and
+    a reshape whose channels cannot be inferred (``ZeroDivisionError``) is left unmapped instead of
+    failing the whole graph. Groups stop at such a reshape; ``state`` records them."""
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node) -> None:
+        if node.type != _OP.RESHAPE or node in state.unmapped:
+            return None if node in state.unmapped else original(graph, node)
+        sizes = _input_sizes(node)
+        if sizes is not None and len(sizes) > 4:
+            state.stop_at(node)
+            return None
+        try:
+            return original(graph, node)
+        except ZeroDivisionError:
+            state.stop_at(node)
+            return None
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield state
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+def guard_groups(dg, state: ReshapeState) -> None:
+    """Every later group of ``dg`` is built under ``reshape_rule`` and carries ``edgekd_unmapped``:
+    the unmapped reshapes it reached (empty: an ordinary group)."""
+    build = dg.get_pruning_group
+
+    def guarded(module, pruning_fn, idxs):
+        with reshape_rule(state):
+            state.reached.clear()
+            group = build(module, pruning_fn, idxs)
+        group.edgekd_unmapped = set(state.reached)
+        return group
+
+    dg.get_pruning_group = guarded
+
+
+def reached_unmapped(group) -> bool:
+    """True when a pruning group reached a reshape torch-pruning cannot map (it stopped there)."""
+    return bool(getattr(group, "edgekd_unmapped", None))
+
+
+def _is_join(node) -> bool:
+    return node.type == _OP.ELEMENTWISE and len(node.inputs) >= 2
+
+
+def _joins_reached(start) -> set:
+    """Element-wise ops with several inputs reached from ``start`` through channel-wise ops."""
+    found, frontier, seen = set(), [start], set()
+    for _ in range(_MAX_WALK):
+        nxt = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            if _is_join(node):
+                found.add(node)
+            elif node.type in _CHANNELWISE:
+                nxt.extend(node.outputs)
+        frontier = nxt
+    return found
+
+
+def _source_layer(split) -> nn.Module | None:
+    """The conv/linear layer whose output channels reach ``split`` through channel-wise ops only."""
+    node = split
+    for _ in range(_MAX_WALK):
+        if len(node.inputs) != 1:
+            return None
+        node = node.inputs[0]
+        if node.type in (_OP.CONV, _OP.LINEAR):
+            return node.module
+        if node.type not in _CHANNELWISE or len(node.outputs) != 1:
+            return None
+    return None
+
+
+def _equal_channel_parts(split) -> int:
+    """The number of equal parts a split cuts the channel axis into (0: not such a split)."""
+    saved_dim = getattr(split.grad_fn, "_saved_dim", 1)
+    if isinstance(saved_dim, int) and saved_dim != 1:
+        return 0  # torch-pruning maps channel splits (dim 1) only
+    offsets = getattr(split.module, "offsets", None)
+    if not offsets or len(offsets) < 3:
+        return 0
+    sizes = {b - a for a, b in zip(offsets, offsets[1:], strict=False)}
+    return len(offsets) - 1 if len(sizes) == 1 else 0
+
+
+def chunk_gates(dg) -> dict[nn.Module, int]:
+    """Layers whose output is chunked into ``k`` equal channel parts that are combined again
+    element-wise (a gate): ``{layer: k}`` for torch-pruning's ``out_channel_groups``."""
+    gates: dict[nn.Module, int] = {}
+    for node in dg.module2node.values():
+        if node.type != _OP.SPLIT:
+            continue
+        parts = _equal_channel_parts(node)
+        if parts < 2 or len(node.outputs) < parts:
+            continue
+        joins = [_joins_reached(out) for out in node.outputs]
+        if not set.intersection(*joins):
+            continue  # the parts go separate ways (ShuffleNet's chunk): ordinary split mapping
+        layer = _source_layer(node)
+        if layer is not None:
+            gates[layer] = parts
+    return gates
