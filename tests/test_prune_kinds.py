@@ -509,6 +509,23 @@ def test_torchvision_shufflenet_v2_prunes_its_branches_and_keeps_the_shuffled_st
     assert after["conv5.0"]["width"] == 64  # the last conv is pruned as usual
 
 
+def test_kept_whole_reasons_name_the_block_whose_forward_runs_the_op(images):
+    """The op is named by the module whose forward runs it (recorded while torch-pruning traces),
+    not guessed from the nearest layers: torchvision's chunk, cat and shuffle run in the block
+    (stage2.1), not in its branch2; a shuffle in the model's own forward names that forward."""
+    torch.manual_seed(0)
+    model = _ready(ShuffleNetV2([3, 1, 1], [16, 32, 64, 128, 128], num_classes=10, input_channels=1), images)
+    _, _, _, rows = _prune(model, images)
+    reason = rows["stage2.1.branch2.5"]["reason"]
+    assert "torch.cat in stage2.1 (InvertedResidual.forward)" in reason, reason
+    assert "torch.split/chunk in stage2.1 (InvertedResidual.forward)" in reason, reason
+    assert "branch2 (" not in reason and "in stage2.1.branch2" not in reason
+    _, _, _, rows = _prune(_ready(ShuffleNet(), images), images)
+    assert "reshape/view in ShuffleNet.forward" in rows["stem.0"]["reason"], rows["stem.0"]["reason"]
+    _, _, _, rows = _prune(_ready(PartialNet(), images), images)
+    assert "torch.split/chunk in spatial (PartialConv.forward)" in rows["stem.0"]["reason"]
+
+
 def test_nothing_prunable_names_the_layer_the_operation_and_an_ignored_layers_entry(digits16):
     model = _ready(OnlySplit(), digits16.val_tensors(16)[0])
     x = digits16.val_tensors(16)[0]

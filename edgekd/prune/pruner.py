@@ -34,6 +34,7 @@ from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
 from edgekd.prune.safety import (
     GroupFailure,
+    OpOwners,
     Probe,
     describe_failure,
     module_names,
@@ -162,8 +163,11 @@ class EdgePruner(tp.pruner.BasePruner):
         self.last_root: nn.Module | None = None
         self.reshapes = ReshapeState()  # reshapes torch-pruning cannot map channels through
         self.chunk_gates: dict[nn.Module, int] = {}  # layers whose output halves are multiplied together
-        with reshape_rule(self.reshapes):
+        model = args[0] if args else kwargs["model"]
+        # the module owning each functional op, recorded during the trace, names it in reasons
+        with reshape_rule(self.reshapes), OpOwners(model) as owners:
             super().__init__(*args, **kwargs)
+        self.DG.edgekd_owners = owners.owners
         guard_groups(self.DG, self.reshapes)
         gates = chunk_gates(self.DG)
         if gates:
@@ -204,8 +208,8 @@ class EdgePruner(tp.pruner.BasePruner):
         if reached_unmapped(group):
             self.failures.append(describe_failure(
                 group, self.model, self.DG, "index mapping",
-                "a reshape of a tensor with more than 4 dimensions reorders these channels (a channel shuffle: "
-                "view to 5-D, transpose, view back), which torch-pruning cannot follow",
+                "a channel shuffle (view to 5-D, transpose, view back) reorders these channels and "
+                "torch-pruning cannot follow a reshape of more than 4 dimensions",
                 root=group[0].dep.target.module))
             return None
         try:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from edgekd.models.adapter import LogitsAdapter, logits_of
 
@@ -160,6 +161,55 @@ def out_layers(group, names: dict[nn.Module, str], dg) -> list[str]:
     return seen
 
 
+class OpOwners(TorchFunctionMode):
+    """Which module's forward ran each tensor operation: while active (around torch-pruning's
+    trace), maps each result's ``grad_fn`` to ``(name, module)`` of the innermost module running,
+    so a functional op (``torch.cat``, ``x.chunk``, ``x.view`` in a block's forward) is named by
+    the block that owns it. Names are the user's (no adapter prefix); "" is the root module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.owners: dict[Any, tuple[str, nn.Module]] = {}
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._model = model
+        self._handles: list = []
+
+    def __enter__(self):
+        for module, name in module_names(self._model).items():
+            self._handles.append(module.register_forward_pre_hook(
+                lambda mod, _args, name=name: self._stack.append((name, mod))))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        return super().__enter__()
+
+    def _leave(self, _module, _args, _output) -> None:  # a forward hook must return None (or a new output)
+        if self._stack:
+            self._stack.pop()
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._stack:
+            for tensor in tensors_of(out):
+                grad_fn = tensor.grad_fn
+                if grad_fn is not None and grad_fn not in self.owners:
+                    self.owners[grad_fn] = self._stack[-1]
+        return out
+
+
+def owner_text(owner: tuple[str, nn.Module], model: nn.Module) -> str:
+    """``stage2.1 (InvertedResidual.forward)``; the root module as ``ShuffleNetV2.forward``."""
+    name, module = owner
+    if isinstance(module, LogitsAdapter):
+        module = module.model
+    cls = type(module).__name__
+    return f"{name} ({cls}.forward)" if name else f"{cls}.forward"
+
+
 def _nearest_named(node, names: dict[nn.Module, str], limit: int = 6) -> list[str]:
     """Names of the modules nearest to a functional node (breadth-first over graph neighbours)."""
     frontier, seen, found = [node], {node}, []
@@ -192,17 +242,24 @@ def _common_parent(names: list[str]) -> str:
     return ".".join(common)
 
 
-def describe_ops(group, names: dict[nn.Module, str]) -> str:
-    """The index-remapping operations in a group and where they run, e.g.
-    "torch.split/chunk in block1.spatial"; "" when the group has none."""
+def describe_ops(group, names: dict[nn.Module, str], owners: dict | None = None,
+                 model: nn.Module | None = None) -> str:
+    """The index-remapping operations in a group and the block whose forward runs them, e.g.
+    "torch.split/chunk in block1.spatial (PartialConv.forward)"; "" when the group has none.
+    ``owners`` (``OpOwners.owners`` of the traced forward) names the block exactly; without it the
+    nearest named layers' common parent is a guess."""
     described: list[str] = []
     for dep, _ in group:
         node = dep.target
         op = _INDEX_OPS.get(node.type)
         if op is None:
             continue
-        near = _nearest_named(node, names)
-        where = _common_parent(near) if near else ""
+        owner = (owners or {}).get(getattr(node, "grad_fn", None))
+        if owner is not None:
+            where = owner_text(owner, model)
+        else:
+            near = _nearest_named(node, names)
+            where = _common_parent(near) if near else ""
         text = f"{op} in {where}" if where else op
         if text not in described:
             described.append(text)
@@ -236,7 +293,7 @@ def describe_failure(group, model: nn.Module, dg, operation: str, exc_or_text: B
         cause = f"{type(exc_or_text).__name__}: {str(exc_or_text).splitlines()[0][:200] if str(exc_or_text) else ''}"
     else:
         cause = exc_or_text
-    ops = describe_ops(group, names) if group is not None else ""
+    ops = describe_ops(group, names, getattr(dg, "edgekd_owners", None), model) if group is not None else ""
     return GroupFailure(root=root_name, layers=layers, operation=operation, ops=ops, cause=cause)
 
 
