@@ -576,3 +576,13 @@ def test_train_only_aux_head_is_pruned_with_the_features(images):
         logits, aux = net.train()(images[:4])
     assert logits.shape == aux.shape == (4, 10)
     assert recalibrate_batchnorm(model, [(images[:32], None)], 2) == 1
+
+
+def test_iterative_steps_list_each_group_kept_whole_once(images):
+    """Every step scores a refused group again; groups_kept_whole still lists it once."""
+    torch.manual_seed(0)
+    model = _ready(ShuffleNetV2([3, 1, 1], [16, 32, 64, 128, 128], num_classes=10, input_channels=1), images)
+    plan, _, after, _ = _prune(model, images, steps=3)
+    roots = [f.root for f in plan.failures]
+    assert roots and len(roots) == len(set(roots))
+    assert after["stage2.0.branch2.0"]["width"] == 8  # 16 -> 8 over three steps

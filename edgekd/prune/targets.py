@@ -117,7 +117,8 @@ def prune_at_ratio(model: nn.Module, env: PruneEnv, ratio: float,
             continue
         finally:
             model.zero_grad(set_to_none=True)
-        plan.failures = [*kept, *plan.pruner.failures]
+        # each iterative step scores a refused group again: one entry per group
+        plan.failures = list({(f.root, f.operation): f for f in [*kept, *plan.pruner.failures]}.values())
         for failure in plan.pruner.failures:
             for layer in failure.layers:
                 plan.reasons.setdefault(layer, failure.reason())
