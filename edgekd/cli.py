@@ -88,6 +88,8 @@ def export(
     to: Annotated[str, typer.Option("--to", help="onnx, ort or pte")],
     out: Annotated[Path | None, typer.Option("--out", help="output file")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    atol: Annotated[float, typer.Option(help="parity: absolute tolerance on each logit")] = 1e-3,
+    rtol: Annotated[float, typer.Option(help="parity: tolerance relative to each sample's largest |logit|")] = 1e-2,
     factory: FactoryOpt = None,
 ) -> None:
     """Export a model checkpoint to ONNX, ORT Mobile (.ort) or ExecuTorch (.pte), verified for parity."""
@@ -96,7 +98,7 @@ def export(
 
     if to not in ("onnx", "ort", "pte"):
         raise ConfigError(f"--to {to!r} is not a known format", hint="valid choices: onnx, ort, pte")
-    written = export_model(model, to, out, opset=opset, factories=factory or ())
+    written = export_model(model, to, out, opset=opset, atol=atol, rtol=rtol, factories=factory or ())
     out_console.print(f"wrote {written}")
 
 
