@@ -54,8 +54,8 @@ KNOWN: dict[tuple[str, str], str] = {
     "(IndexError: index 8 is out of bounds for dimension 0 with size 8); split sizes are not updated",
     ("prune", "spatial_gate"): "2 layers kept whole: 'coupled to the 1-channel output of body.0.gate ... the group "
     "cannot lose channels' although a broadcast 1-channel gate does not constrain the features' channels",
-    ("prune", "chunk_gate"): "2 layers kept whole: 'not pruned by torch-pruning (no coupled group was scored for it)' "
-    "for the conv whose output is chunked in two and multiplied",
+    ("prune", "shuffle_groups"): "4 layers kept whole: a channel shuffle (view to 5-D, transpose, view back) "
+    "reorders the channels and torch-pruning cannot follow a reshape of more than 4 dimensions",
     ("prune", "pooled_branches"): "1 layer kept whole: local.1.0's group breaks the forward (mat1 and mat2 shapes "
     "cannot be multiplied (2x22 and 16x10): two pooled branches concatenated into fc)",
 }
