@@ -245,3 +245,23 @@ def test_damaged_manifest_on_resume_names_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text('{"schema": "edgekd.manifest/1", "stag')  # cut by a crash
     with pytest.raises(ConfigError, match=r"manifest.json is damaged and cannot be resumed"):
         run.read_manifest()
+
+
+@pytest.mark.parametrize("kwargs", [{"width": -1}, {"width": 0}, {"width": 1.5}, {"width": float("nan")},
+                                    {"width": 1000000}, {"bogus": 1}])
+def test_builder_errors_are_model_errors_naming_the_values(kwargs):
+    with pytest.raises(ModelError) as info:
+        ModelSpec(model="resnet20", kwargs=kwargs).build(10, (1, 8, 8))
+    assert "resnet20" in info.value.message
+    assert str(next(iter(kwargs))) in info.value.message
+
+
+def test_factory_that_raises_is_a_located_recipe_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: x\ndata: {dataset: digits, image_size: 8}\n"
+                                     "teacher:\n  factory: tests.factories:dict_net\n  kwargs: {width: -3}\n"
+                                     "  train: {epochs: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "validate", "r.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert "r.yaml:" in proc.stderr and "width=-3" in proc.stderr
+    assert "Traceback" not in proc.stderr

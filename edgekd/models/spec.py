@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from edgekd.errors import EdgekdError, ModelError
 from edgekd.models.adapter import adapt
 from edgekd.models.registry import BUILTIN_MODELS, build_model, resolve_factory, unknown_name_hint
 from edgekd.recipe.base import StrictModel
@@ -44,19 +45,43 @@ class ModelSpec(StrictModel):
         return self.model or self.factory or "?"
 
     def build(self, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-        """Build the model; its forward is adapted to return a logits tensor."""
+        """Build the model; its forward is adapted to return a logits tensor.
+
+        Raises ``ModelError`` (exit 2) for anything the builder raises: a recipe's kwargs are user
+        input, so ``width: -1``, ``width: 1.5`` or an unknown keyword is a bad value, named with the
+        builder's own message, never a traceback.
+        """
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()) or "no kwargs"
+        hint = "check the model's kwargs in the recipe (positive integer widths, known keyword names)"
+        try:
+            net = self._construct(num_classes, input_shape)
+        except EdgekdError:
+            raise
+        except (Exception, MemoryError) as exc:  # noqa: BLE001 - any builder failure is bad user input
+            raise ModelError(f"building {self.describe()} ({shown}) failed: {_first_line(exc)}", hint=hint) from exc
+        if not isinstance(net, nn.Module):
+            raise ModelError(f"factory {self.factory!r} returned {type(net).__name__}, not a torch.nn.Module")
+        example = torch.zeros(2, *input_shape)
+        try:
+            return adapt(net, example)
+        except EdgekdError:
+            raise
+        except (Exception, MemoryError) as exc:  # noqa: BLE001 - the built model cannot run its input
+            raise ModelError(f"{self.describe()} ({shown}) built, but fails on a batch shaped "
+                             f"{tuple(example.shape)}: {_first_line(exc)}", hint=hint) from exc
+
+    def _construct(self, num_classes: int, input_shape: tuple[int, ...]) -> object:
         if self.model is not None:
-            net = build_model(self.model, num_classes, input_shape, **self.kwargs)
-        else:
-            import inspect
+            return build_model(self.model, num_classes, input_shape, **self.kwargs)
+        import inspect
 
-            fn = resolve_factory(self.factory or "")
-            params = inspect.signature(fn).parameters
-            extra = {k: v for k, v in (("num_classes", num_classes), ("input_shape", tuple(input_shape)))
-                     if k in params and k not in self.kwargs}
-            net = fn(**self.kwargs, **extra)
-            if not isinstance(net, nn.Module):
-                from edgekd.errors import ModelError
+        fn = resolve_factory(self.factory or "")
+        params = inspect.signature(fn).parameters
+        extra = {k: v for k, v in (("num_classes", num_classes), ("input_shape", tuple(input_shape)))
+                 if k in params and k not in self.kwargs}
+        return fn(**self.kwargs, **extra)
 
-                raise ModelError(f"factory {self.factory!r} returned {type(net).__name__}, not a torch.nn.Module")
-        return adapt(net, torch.zeros(2, *input_shape))
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
