@@ -265,3 +265,32 @@ def test_factory_that_raises_is_a_located_recipe_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "r.yaml:" in proc.stderr and "width=-3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_child_dies_with_a_killed_run(tmp_path):
+    """The export stage's spawned child (and so multiprocessing's resource tracker) ends with its parent."""
+    import signal
+    import time
+
+    code = (
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from edgekd.export.stage import _quiet_child\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=_quiet_child,\n"
+        f"                               initargs=({str(tmp_path / 'child.log')!r}, os.getpid()))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n"
+    )
+    (tmp_path / "parent.py").write_text(code)
+    parent = subprocess.Popen([sys.executable, "parent.py"], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        time.sleep(0.1)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "the export child outlived its run"

@@ -243,10 +243,33 @@ def export_role(job: ExportJob, x_val: torch.Tensor) -> RoleOutcome:
 
 
 # -- the parallel child ----------------------------------------------------------------------
-def _quiet_child(log_path: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
+
+    Elsewhere (or without libc) this does nothing: the child then ends when it next reads from
+    its closed pipe."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except OSError:
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _quiet_child(log_path: str, parent_pid: int) -> None:
     """Pool initializer: the child's stdout and stderr (fd 1 and 2, so native code too) go to a log
     file. A user model that fails to import in a fresh process then leaves its traceback there,
-    not on the user's terminal."""
+    not on the user's terminal. The child also dies with its parent (a SIGKILLed run leaves no
+    export child, nor the resource tracker it keeps alive)."""
+    _die_with_parent(parent_pid)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for fd in (1, 2):
         os.dup2(log, fd)
@@ -334,7 +357,7 @@ class ExportStage(Stage[ExportConfig]):
                 child_log = stage_dir / CHILD_LOG
                 pool = stack.enter_context(ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_quiet_child, initargs=(str(child_log),)))
+                    initializer=_quiet_child, initargs=(str(child_log), os.getpid())))
                 child = _start_in_child(pool, jobs[cfg.roles[0]], x_val)
                 summary["parallel_roles"] = child is not None
             for role, job in jobs.items():
