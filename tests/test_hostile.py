@@ -294,3 +294,74 @@ def test_export_child_dies_with_a_killed_run(tmp_path):
         time.sleep(0.1)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "the export child outlived its run"
+
+
+# -- data is validated like the recipe ------------------------------------------------------------------
+def _npz_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 1, 8, 8)).astype(np.float32), np.arange(60) % 3
+    cases = {}
+
+    def save(name: str, fragment: str, **arrays) -> None:
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        cases[name] = (path, fragment)
+
+    save("negative label", "label -1", x=x, y=np.where(np.arange(60) == 5, -1, y))
+    save("label 1000", "labels go up to 1000", x=x, y=np.where(np.arange(60) == 5, 1000, y))
+    save("one class", "has 1 class", x=x, y=np.zeros(60, dtype=np.int64))
+    x_nan = x.copy()
+    x_nan[7, 0, 2, 2] = np.nan
+    save("nan input", "sample", x=x_nan, y=y)
+    x_inf = x.copy()
+    x_inf[3, 0, 0, 0] = np.inf
+    save("inf input", "NaN or infinite", x=x_inf, y=y)
+    save("object array", "cannot read", x=np.array([object()] * 60, dtype=object), y=y)
+    save("string data", "not numbers", x=np.array(["a"] * 60), y=y)
+    (tmp_path / "random.npz").write_bytes(bytes(range(256)) * 8)
+    cases["random bytes"] = (tmp_path / "random.npz", "cannot read")
+    good = (tmp_path / "one class.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(good[: len(good) // 2])
+    cases["truncated zip"] = (tmp_path / "truncated.npz", "cannot read")
+    return cases
+
+
+def test_bad_data_files_are_data_errors(tmp_path):
+    from edgekd.data.config import NpzData
+    from edgekd.data.sources import load_arrays
+    from edgekd.errors import DataError
+
+    for name, (path, fragment) in _npz_cases(tmp_path).items():
+        with pytest.raises(DataError) as info:
+            load_arrays(NpzData(dataset="npz", path=path))
+        assert fragment in info.value.message, (name, info.value.message)
+        assert str(path) in info.value.message, name
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    from edgekd.data.config import ImageFolderData
+    from edgekd.data.sources import load_arrays
+    from edgekd.errors import DataError
+
+    for cls in ("cat", "dog", "empty"):
+        (tmp_path / cls).mkdir()
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            Image.new("L", (8, 8), color=40 * i).save(tmp_path / cls / f"{i}.png")
+    with pytest.raises(DataError, match=r"class folder .*empty holds no images"):
+        load_arrays(ImageFolderData(dataset="imagefolder", path=tmp_path, image_size=8, channels=1))
+
+
+def test_bad_data_is_refused_by_validate_at_the_data_line(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.ones((40, 1, 8, 8), np.float32), y=np.where(np.arange(40) == 0, -1, np.arange(40) % 2))
+    (tmp_path / "r.yaml").write_text("name: x\ndata: {dataset: npz, path: d.npz}\nteacher: {model: mlp, train: {epochs: 1}}\n")
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "validate", "r.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert "r.yaml:2" in proc.stderr and "label -1" in proc.stderr and "Traceback" not in proc.stderr

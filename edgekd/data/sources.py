@@ -87,12 +87,29 @@ def load_mnist1d_arrays(cfg: Mnist1dData) -> Arrays:
 def load_npz_arrays(cfg: NpzData) -> Arrays:
     if not cfg.path.is_file():
         raise DataError(f"npz file {cfg.path} does not exist")
-    with np.load(cfg.path, allow_pickle=False) as archive:
-        missing = [k for k in (cfg.x_key, cfg.y_key) if k not in archive.files]
-        if missing:
-            raise DataError(f"{cfg.path} has no array named {', '.join(missing)}",
-                            hint=f"arrays in the file: {', '.join(archive.files)}")
-        x, y = archive[cfg.x_key].astype(np.float32), archive[cfg.y_key]
+    import zipfile
+
+    try:
+        with np.load(cfg.path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise DataError(f"{cfg.path} holds a single array, not an .npz archive of named arrays",
+                                hint=f"save with np.savez(path, {cfg.x_key}=inputs, {cfg.y_key}=labels)")
+            missing = [k for k in (cfg.x_key, cfg.y_key) if k not in archive.files]
+            if missing:
+                raise DataError(f"{cfg.path} has no array named {', '.join(missing)}",
+                                hint=f"arrays in the file: {', '.join(archive.files)}")
+            x_raw, y = archive[cfg.x_key], archive[cfg.y_key]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        # random bytes, a truncated zip, an object (pickled) array: never unpickled, refused here
+        raise DataError(f"cannot read {cfg.path} as an .npz of numeric arrays: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                        hint="save numeric arrays with np.savez (object arrays are refused: they would unpickle)"
+                        ) from exc
+    if not (np.issubdtype(x_raw.dtype, np.number) or x_raw.dtype == np.bool_):
+        raise DataError(f"{cfg.path}: {cfg.x_key} holds {x_raw.dtype} values, not numbers")
+    x = x_raw.astype(np.float32)
     if x.ndim == 1 or len(x) != len(y):
         raise DataError(f"{cfg.path}: x must be (N, ...) and y (N,), got {x.shape} and {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -114,6 +131,7 @@ def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
     mode = "L" if cfg.channels == 1 else "RGB"
     images, labels = [], []
     for label, cls in enumerate(classes):
+        before = len(images)
         for file in sorted((root / cls).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -125,6 +143,10 @@ def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
                 raise DataError(f"cannot read image {file}: {exc}") from exc
             images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             labels.append(label)
+        if len(images) == before:
+            raise DataError(f"class folder {root / cls} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                            hint="remove the empty folder, or add its images: an empty class trains a model "
+                                 "that can never predict it")
     if not images:
         raise DataError(f"no images found under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return Arrays(np.stack(images), np.asarray(labels, dtype=np.int64))
@@ -166,7 +188,50 @@ LOADERS: dict[type, Callable[..., Arrays]] = {
 
 
 def load_arrays(cfg) -> Arrays:
-    return LOADERS[type(cfg)](cfg)
+    """The source's arrays, checked (``check_arrays``) before anything trains on them."""
+    arrays = LOADERS[type(cfg)](cfg)
+    check_arrays(arrays, describe_source(cfg))
+    return arrays
+
+
+def describe_source(cfg) -> str:
+    return str(getattr(cfg, "path", None) or getattr(cfg, "factory", None) or type(cfg).__name__)
+
+
+def check_arrays(arrays: Arrays, source: str) -> None:
+    """Refuse data that would train something meaningless: labels outside 0..K-1 or a class with no
+    training sample (a label of 1000 would make a 1001-class model), fewer than two classes,
+    non-finite inputs, empty splits, or splits whose sample shapes differ. Raises ``DataError``."""
+    splits = {"train": (arrays.x, arrays.y), "val": arrays.val, "test": arrays.test}
+    shape = tuple(arrays.x.shape[1:])
+    for name, split in splits.items():
+        if split is None:
+            continue
+        x, y = split
+        if len(x) == 0:
+            raise DataError(f"{source}: the {name} split is empty")
+        if tuple(x.shape[1:]) != shape:
+            raise DataError(f"{source}: {name} samples are shaped {tuple(x.shape[1:])}, train samples {shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{source}: {name} labels must be one integer per sample, got shape {tuple(y.shape)} "
+                            f"for {len(x)} samples")
+        if y.min() < 0:
+            raise DataError(f"{source}: {name} has label {int(y.min())}; labels are class indices 0..K-1")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0][0])
+            raise DataError(f"{source}: {name} sample {first} holds NaN or infinite values "
+                            f"({int(bad.sum())} values in all)", hint="clean or drop those samples")
+    present = np.unique(arrays.y)
+    if len(present) < 2:
+        raise DataError(f"{source}: the training data has {len(present)} class; a classifier needs at least two")
+    num_classes = int(max(int(s[1].max()) for s in splits.values() if s is not None)) + 1
+    missing = sorted(set(range(num_classes)) - set(present.tolist()))
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise DataError(f"{source}: labels go up to {num_classes - 1} but class(es) {shown} have no training sample "
+                        f"({len(present)} classes present)",
+                        hint="labels must be 0..K-1 with every class in the training data; renumber them")
 
 
 def resolve_path(cfg, base: Path):
