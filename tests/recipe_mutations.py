@@ -121,8 +121,9 @@ def _yaml_shape(raw: bytes, rng: random.Random) -> bytes:
         lines.insert(i, b"? [a, b]\n: 1")
     elif choice == 1:  # a mapping as a key
         lines.insert(i, b"{a: 1}: 2")
-    elif choice == 2:  # an unclosed bracket
-        lines[i] = lines[i] + b" [unclosed"
+    elif choice == 2:  # an unclosed bracket where the value starts (after a comment it would be harmless)
+        key = lines[i].split(b":")[0] if b":" in lines[i] else lines[i][: len(lines[i]) - len(lines[i].lstrip())] + b"-"
+        lines[i] = key + (b": [unclosed" if b":" in lines[i] else b" [unclosed")
     elif choice == 3:  # a tab in the indentation
         lines[i] = b"\t" + lines[i]
     elif choice == 4:  # deep nesting

@@ -62,7 +62,7 @@ def test_resume_requires_same_recipe(tmp_path):
 def test_resume_after_an_interrupted_stage(tmp_path):
     """Kill the run during distillation; --resume keeps the teacher and finishes the stage."""
     out = tmp_path / "run"
-    sets = _sets(QUICK + ["stages=[{distill: {epochs: 40}}]", "benchmark=null", "gate=null"])
+    sets = _sets(QUICK + ["stages=[{distill: {epochs: 12}}]", "benchmark=null", "gate=null"])
     recipe = str(ROOT / "recipes" / "quickstart.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", "compress", recipe, *sets, "--out", str(out)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
