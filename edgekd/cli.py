@@ -89,6 +89,7 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", help="output file")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     atol: Annotated[float, typer.Option(help="parity: absolute tolerance on each logit")] = 1e-3,
+    # = edgekd.export.config.DEFAULT_RTOL, written out: importing it here would slow every command's start
     rtol: Annotated[float, typer.Option(help="parity: tolerance relative to each sample's largest |logit|")] = 1e-2,
     factory: FactoryOpt = None,
 ) -> None:
