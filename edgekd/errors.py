@@ -75,6 +75,16 @@ class StageError(EdgekdError):
     """A stage failed while running; earlier artifacts stay in the run directory."""
 
 
+class ArtifactError(StageError):
+    """An artifact file (.onnx, .ort, .pte, .pt) that is missing, truncated, corrupt or of another format.
+
+    Exit code 2: the file is the user's input (``edgekd benchmark FILE``); inside a run it means an
+    earlier stage's output was damaged on disk, and re-exporting fixes it either way.
+    """
+
+    exit_code = 2
+
+
 class TargetUnreachableError(StageError):
     """A pruning/quantization target could not be met; the message names the best figure reached."""
 

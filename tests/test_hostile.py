@@ -375,3 +375,18 @@ def test_bad_data_is_refused_by_validate_at_the_data_line(tmp_path):
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stderr
     assert "r.yaml:2" in proc.stderr and "label -1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ort", ".pte"])
+def test_corrupt_artifact_to_benchmark_is_exit_2_naming_the_file(tmp_path, suffix):
+    # Random bytes (and, for .pte, bytes without ExecuTorch's identifier: the 1.5.1 loader used to
+    # abort the whole process with a C++ terminate) are bad input: exit 2, the file named, no traceback.
+    bad = tmp_path / f"model{suffix}"
+    bad.write_bytes(os.urandom(5000))
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "benchmark", bad.name, "--threads", "1",
+                           "--batch-size", "1", "--out", "b"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model{suffix}" in proc.stderr and "export it again" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "already exists" not in proc.stderr  # ORT's duplicate-config warning, once printed for .ort

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import ArtifactError, StageError
 
 
 class LoadedModel(ABC):
@@ -52,7 +52,7 @@ class Runtime(ABC):
 
     @abstractmethod
     def load(self, artifact: Path, threads: int) -> LoadedModel:
-        """Load an artifact file; raise ``edgekd.errors.StageError`` with a clear message on a bad file."""
+        """Load an artifact file; raise ``edgekd.errors.ArtifactError`` (exit 2) naming a bad file."""
 
     # -- helpers shared by the runtime modules ---------------------------------
     def _check_file(self, artifact: Path, threads: int) -> Path:
@@ -60,11 +60,11 @@ class Runtime(ABC):
         if threads < 1:
             raise StageError(f"{self.name}: thread count must be at least 1, got {threads}")
         if not artifact.is_file():
-            raise StageError(f"{self.name}: artifact {artifact} does not exist",
+            raise ArtifactError(f"{self.name}: artifact {artifact} does not exist",
                              hint=f"export one first: edgekd export MODEL --to {self.fmt}")
         return artifact
 
-    def _bad_artifact(self, artifact: Path, exc: BaseException) -> StageError:
+    def _bad_artifact(self, artifact: Path, exc: BaseException | str) -> ArtifactError:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return StageError(f"{self.name} cannot load {artifact} as a .{self.fmt} model: {first}",
+        return ArtifactError(f"{self.name} cannot load {artifact} as a .{self.fmt} model: {first}",
                           hint="the file is truncated, corrupt or of another format; export it again")

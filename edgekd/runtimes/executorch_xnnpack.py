@@ -110,10 +110,26 @@ class ExecuTorchRuntime(Runtime):
     def available(cls) -> bool:
         return importlib.util.find_spec("executorch") is not None
 
+    def _check_header(self, artifact: Path) -> None:
+        """Refuse a file without ExecuTorch's flatbuffer identifier before the C++ loader sees it.
+
+        A ``.pte`` starts with a 4-byte root offset, then the file identifier ``ET`` plus two version
+        characters (``ET12`` in executorch 1.5). On random bytes the 1.5.1 loader aborts the whole
+        process (a C++ ``terminate`` while decoding its own error message), so no exception could be
+        caught; truncated files and files with the right identifier fail cleanly in the loader itself.
+        """
+        with open(artifact, "rb") as handle:
+            head = handle.read(8)
+        ident = head[4:8]
+        if len(head) < 8 or ident[:2] != b"ET" or not ident[2:].isalnum():
+            raise self._bad_artifact(artifact, f"no ExecuTorch program identifier (bytes 4-8 are {ident!r}, "
+                                               "expected b'ET' and a version such as b'ET12')")
+
     def load(self, artifact: Path, threads: int) -> ExecuTorchLoadedModel:
         if not self.available():
             raise RuntimeUnavailableError("the executorch runtime is not installed: pip install 'edgekd[mobile]'")
         artifact = self._check_file(artifact, threads)
+        self._check_header(artifact)
         set_threadpool_size(threads)  # before loading: the delegate captures the pool at load time
         bindings = _bindings()
         try:

@@ -29,7 +29,6 @@ class OrtMobileRuntime(OnnxRuntimeCPU):
 
         so = super().session_options(threads)
         so.add_session_config_entry("session.load_model_format", "ORT")
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return so
 
