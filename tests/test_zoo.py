@@ -48,8 +48,6 @@ KNOWN: dict[tuple[str, str], str] = {
     "shapes cannot be multiplied (2x16 and 29x32): LevitAttentionSubsample's reshape/slicing); q/k/v not by heads",
     ("prune", "tv_shufflenet_v2"): "7 layers kept whole: torch-pruning scoring fails on chunk + cat + channel "
     "shuffle (IndexError: index 16 is out of bounds for dimension 0 with size 16)",
-    ("prune", "timm_vit"): "7 layers kept whole: head pruning of the fused qkv (q, k, v = qkv[0], qkv[1], qkv[2]) "
-    "breaks the forward (shape '[2, 17, 32]' is invalid for input of size 2176); embedding dim kept whole",
     ("prune", "split_sizes"): "3 layers kept whole: torch.split with stored int sizes: torch-pruning scoring fails "
     "(IndexError: index 8 is out of bounds for dimension 0 with size 8); split sizes are not updated",
     ("prune", "spatial_gate"): "2 layers kept whole: 'coupled to the 1-channel output of body.0.gate ... the group "

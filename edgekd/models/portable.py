@@ -36,6 +36,8 @@ FORMAT = "edgekd.portable/1"
 #: every module class a stage may swap into a model, by "module:qualname"; nothing else is imported
 SWAPPABLE_MODULES: dict[str, tuple[str, str]] = {
     "edgekd.prune.attention:SplitHeadAttention": ("edgekd.prune.attention", "SplitHeadAttention"),
+    # timm-style fused-qkv attention whose output width follows its heads (whole heads pruned)
+    "edgekd.prune.attention:FusedHeadAttention": ("edgekd.prune.attention", "FusedHeadAttention"),
 }
 
 #: factories the current command trusts a checkpoint to name (set by ``trusted_factories``)

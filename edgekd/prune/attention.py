@@ -6,8 +6,15 @@ together with the residual stream. Removing heads needs separate q/k/v projectio
 inner width is ``num_heads * head_dim``. ``SplitHeadAttention`` is that layout, numerically
 identical to the module it replaces; ``edgekd.prune.pruner`` removes whole heads from it.
 
-A pruned model that contains one is rebuilt by ``edgekd.models.portable`` from the original
-architecture with ``SplitHeadAttention.from_module`` (the checkpoint names the swap).
+timm-style attention (one fused ``qkv`` Linear, heads by reshape, an output ``proj``) whose
+forward reshapes the heads' output back to its *input* width (timm's ``reshape(B, N, C)``) cannot
+lose a head: the reshape then fails. ``FusedHeadAttention`` is the same computation with the
+output width taken from the heads (torch-pruning's examples/transformers/prune_timm_vit.py
+replaces timm's forward the same way); it is swapped in only where a trial shows the module's own
+forward cannot run with fewer heads, and only when it reproduces that module's output.
+
+A pruned model that contains either is rebuilt by ``edgekd.models.portable`` from the original
+architecture with the class's ``from_module`` (the checkpoint names the swap).
 """
 
 from __future__ import annotations
@@ -73,6 +80,63 @@ class SplitHeadAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+class FusedHeadAttention(nn.Module):
+    """timm's ``Attention`` whose output width follows its heads: ``(B, N, C) -> (B, N, C_out)``.
+
+    ``qkv`` projects to ``3 * num_heads * head_dim`` features laid out [q | k | v], each head-major;
+    ``proj`` reads ``num_heads * head_dim`` features. Where timm reshapes the heads' output to the
+    input width ``C`` (which fails once a head is gone), this reshapes to ``num_heads * head_dim``;
+    ``unbind`` (not indexing) splits q/k/v so torch-pruning's graph traces the split. ``scale``
+    multiplies q (timm: ``head_dim ** -0.5``; it does not change when whole heads are removed).
+    ``q_norm``, ``k_norm``, ``attn_drop``, ``proj_drop`` are the original module's (Identity if absent).
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float | None = None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 attn_drop: nn.Module | None = None, proj_drop: nn.Module | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or qkv.out_features % (3 * num_heads) or proj.in_features * 3 != qkv.out_features:
+            raise ModelError(f"a fused qkv Linear with {qkv.out_features} outputs and an output projection "
+                             f"reading {proj.in_features} features do not make {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.head_dim = qkv.out_features // (3 * num_heads)
+        self.scale = float(scale) if scale is not None else self.head_dim ** -0.5
+        self.qkv = qkv
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        self.attn_drop = attn_drop if attn_drop is not None else nn.Identity()
+        self.proj = proj
+        self.proj_drop = proj_drop if proj_drop is not None else nn.Identity()
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> FusedHeadAttention:
+        """Take over a timm-style module's ``qkv``/``proj`` Linear layers (shared, not copied), its
+        head count (``num_heads`` or kin), ``scale`` and optional norms/dropouts. ``ModelError`` when
+        the module lacks them."""
+        from edgekd.prune.heads import HEAD_COUNT_ATTRS  # heads imports this module
+
+        qkv, proj = module._modules.get("qkv"), module._modules.get("proj")
+        heads = next((v for a in HEAD_COUNT_ATTRS if isinstance(v := module.__dict__.get(a), int)
+                      and not isinstance(v, bool)), None)
+        if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or heads is None:
+            raise ModelError(f"cannot convert {type(module).__name__} to FusedHeadAttention: it needs qkv and "
+                             "proj Linear layers and an integer head count (num_heads)")
+        scale = module.__dict__.get("scale")
+        extra = {n: m for n in ("q_norm", "k_norm", "attn_drop", "proj_drop")
+                 if isinstance(m := module._modules.get(n), nn.Module)}
+        new = cls(qkv, proj, heads, scale if isinstance(scale, float) else None, **extra)
+        return new.train(module.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(out))
+
+
 def _self_attention_calls(model: nn.Module, example: Tensor) -> set[str]:
     """Names of the ``nn.MultiheadAttention`` modules that the example forward calls as plain
     self-attention (same tensor for q/k/v, no masks): only those can be swapped safely."""
@@ -102,7 +166,9 @@ def split_attention_heads(model: nn.Module, example: Tensor) -> list[str]:
     """Replace each self-attention ``nn.MultiheadAttention`` by an equal ``SplitHeadAttention``.
 
     Returns the names replaced. Modules used for cross-attention or with masks stay as they are
-    (their embedding width is still pruned, only not their head count).
+    (their embedding width is still pruned, only not their head count). timm-style fused attention
+    that cannot run with fewer heads is swapped for ``FusedHeadAttention`` too
+    (``edgekd.prune.heads.swap_fused_attention``).
     """
     swapped = []
     for name in sorted(_self_attention_calls(model, example)):
@@ -114,4 +180,6 @@ def split_attention_heads(model: nn.Module, example: Tensor) -> list[str]:
         except ModelError:
             continue
         swapped.append(name)
-    return swapped
+    from edgekd.prune.heads import swap_fused_attention  # heads imports this module
+
+    return swapped + swap_fused_attention(model, example)

@@ -12,11 +12,14 @@ the module's attributes must then be set to the new layout, or its reshape fails
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from edgekd.prune.attention import SplitHeadAttention
+from edgekd.errors import ModelError
+from edgekd.prune.attention import FusedHeadAttention, SplitHeadAttention
 
 #: attribute names that hold a head count, most specific first
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
@@ -129,3 +132,71 @@ def find_head_layouts(model: nn.Module) -> list[HeadLayout]:
                     found.append(HeadLayout(name, module, count_attr, (fused,), out))
                     break
     return found
+
+
+def _calls(model: nn.Module, modules: dict[nn.Module, str], example: torch.Tensor) -> dict[nn.Module, tuple]:
+    """(input, output) of each of ``modules`` in one eval-mode forward of ``example``, for modules
+    called once with one tensor (other arguments None) that return a tensor; others are left out."""
+    seen: dict[nn.Module, list] = {m: [] for m in modules}
+
+    def hook(module, args, kwargs, output):
+        plain = len(args) == 1 and isinstance(args[0], torch.Tensor) and all(v is None for v in kwargs.values())
+        seen[module].append((args[0], output) if plain and isinstance(output, torch.Tensor) else None)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m: calls[0] for m, calls in seen.items() if len(calls) == 1 and calls[0] is not None}
+
+
+def _runs_with_one_head_less(module: nn.Module, x: torch.Tensor, shape: torch.Size) -> bool:
+    """A copy of ``module`` with its least important head removed still maps ``x`` to ``shape``."""
+    trial = copy.deepcopy(module)
+    layout = next((lay for lay in find_head_layouts(trial) if lay.module is trial), None)
+    if layout is None or layout.out_proj is None:
+        return False
+    layout.drop_heads(layout.heads - 1)
+    try:
+        with torch.no_grad():
+            out = trial(x)
+    except Exception:  # noqa: BLE001 - the user's forward failing is the answer
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == shape
+
+
+def swap_fused_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Swap timm-style fused-qkv attention that cannot lose a head for ``FusedHeadAttention``.
+
+    A module is swapped when its own forward, with one head removed, fails or changes its output
+    shape (timm reshapes the heads' output to the input width), and ``FusedHeadAttention`` built
+    from it gives the same output (eval mode, ``example``) and runs with a head removed. Others are
+    left alone: their heads are cut in place (``HeadLayout.drop_heads``) or, where that breaks the
+    forward, kept whole with the cause. Returns the names swapped; ``model`` is in eval mode here.
+    """
+    names = {layout.module: layout.name for layout in find_head_layouts(model)
+             if layout.fused and layout.out_proj is not None and layout.heads > 1
+             and isinstance(layout.module._modules.get("qkv"), nn.Linear)
+             and layout.module._modules.get("proj") is layout.out_proj}
+    if not names:
+        return []
+    swapped = []
+    for module, (x, y) in _calls(model, names, example).items():
+        if _runs_with_one_head_less(module, x, y.shape):
+            continue
+        try:
+            new = FusedHeadAttention.from_module(module)
+        except ModelError:
+            continue
+        with torch.no_grad():
+            same = torch.allclose(new(x), y, rtol=1e-4, atol=1e-5 * max(1.0, float(y.abs().max())))
+        if not same or not _runs_with_one_head_less(new, x, y.shape):
+            continue
+        name = names[module]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        swapped.append(name)
+    return sorted(swapped)

@@ -1,0 +1,170 @@
+"""Whole attention heads pruned in transformers users bring (issue 13, item 1): timm's fused-qkv
+``Attention`` (heads by reshape, q/k/v by indexing, output reshaped to the input width), Hugging
+Face Swin (patch merging) and LeViT (attention with subsampling). Each model is pruned to 50% of
+its channels (multiples of 8) as the prune stage does it; the test asserts heads were cut, the
+module's head attributes follow, and the pruned model runs at batch 1 and an odd batch in train
+and eval mode, and reloads from edgekd's portable checkpoint with the same outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from edgekd.models.adapter import logits_of
+from edgekd.models.portable import load_portable, save_portable
+from edgekd.models.spec import ModelSpec
+from edgekd.prune.attention import FusedHeadAttention
+from edgekd.prune.batchnorm import recalibrate_batchnorm
+from edgekd.prune.config import PruneConfig
+from edgekd.prune.heads import swap_fused_attention
+from edgekd.prune.pruner import PruningPlan
+from edgekd.prune.targets import PruneEnv, prune_at_ratio
+from tests.zoo_models import ZOO, TimmAttention
+
+RATIO, ROUND_TO, BATCH = 0.5, 8, 7
+
+
+@functools.cache
+def _data(size: int):
+    from edgekd.data import digits_bundle
+
+    return digits_bundle(image_size=size)
+
+
+def _spec(name: str) -> ModelSpec:
+    return ModelSpec(**ZOO[name].recipe_model())
+
+
+@functools.cache
+def _pruned(name: str) -> tuple[nn.Module, nn.Module, PruningPlan]:
+    """(teacher, student pruned to 50%, plan); BatchNorm statistics from real digits."""
+    zoo = ZOO[name]
+    data = _data(zoo.input_shape[-1])
+    torch.manual_seed(0)
+    teacher = _spec(name).build(data.num_classes, data.input_shape)
+    recalibrate_batchnorm(teacher, data.train_loader(64, seed=0), 4)
+    student = copy.deepcopy(teacher)
+    env = PruneEnv(config=PruneConfig(ratio=RATIO, round_to=ROUND_TO, probe=None),
+                   samples=data.train_x[:64].contiguous(), teacher=teacher)
+    plan = prune_at_ratio(student, env, RATIO)
+    recalibrate_batchnorm(student, data.train_loader(64, seed=1), 4)
+    return teacher.eval(), student.eval(), plan
+
+
+def _assert_runs(model: nn.Module, x: torch.Tensor) -> None:
+    """(B, 10) finite logits at batch 1 and 7, eval and train mode (weights restored after)."""
+    state = copy.deepcopy(model.state_dict())
+    try:
+        for training in (False, True):
+            for batch in (1, BATCH):
+                model.train(training)
+                with torch.no_grad():
+                    out = logits_of(model(x[:batch].contiguous()))
+                assert tuple(out.shape) == (batch, 10), f"train={training} batch {batch}: {tuple(out.shape)}"
+                assert torch.isfinite(out).all()
+    finally:
+        model.load_state_dict(state)
+        model.eval()
+
+
+def _assert_reloads(name: str, model: nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """The portable checkpoint rebuilds the pruned architecture (swaps, head attributes) exactly."""
+    spec = _spec(name)
+    path = tmp_path / f"{name}.pt"
+    save_portable(model, path, spec=spec, num_classes=10, input_shape=tuple(x.shape[1:]))
+    loaded, _ = load_portable(path, factories=[spec.factory])
+    with torch.no_grad():
+        expected, got = logits_of(model(x[:BATCH])), logits_of(loaded(x[:BATCH]))
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+# -- timm-style fused-qkv attention -----------------------------------------------------------
+def test_timm_vit_loses_whole_heads_and_half_its_width(tmp_path):
+    """timm's Attention reshapes the heads' output to the input width: it is swapped for
+    FusedHeadAttention (same outputs), which loses 2 of 4 heads (head_dim stays 16), and the
+    embedding dim (residual stream) is cut with it, 64 -> 32."""
+    teacher, student, plan = _pruned("timm_vit")
+    attention = [m for m in student.modules() if isinstance(m, FusedHeadAttention)]
+    assert len(attention) == 2 and not any(isinstance(m, TimmAttention) for m in student.modules())
+    for module in attention:
+        assert (module.num_heads, module.head_dim) == (2, 16)
+        assert module.qkv.out_features == 3 * 2 * 16 and module.proj.in_features == 32
+    assert student.patch_embed.out_channels == 32 and student.blocks[0].mlp[0].out_features == 64
+    assert plan.swapped_attention == ["blocks.0.attn", "blocks.1.attn"]
+    assert not plan.failures, [f.reason() for f in plan.failures]
+    x = _data(16).val_x
+    _assert_runs(student, x)
+    _assert_reloads("timm_vit", student, x, tmp_path)
+
+
+def test_fused_head_attention_matches_timm_attention_before_pruning():
+    """The swap keeps the module's function: same outputs, same parameters (shared, not copied)."""
+    torch.manual_seed(0)
+    original = TimmAttention(32, 4).eval()
+    x = torch.randn(3, 5, 32)
+    swapped = FusedHeadAttention.from_module(original)
+    assert swapped.qkv is original.qkv and swapped.proj is original.proj
+    with torch.no_grad():
+        assert torch.allclose(swapped(x), original(x), atol=1e-6)
+
+
+class _ReshapesByHeads(nn.Module):
+    """timm-layout attention whose forward already follows its heads (``reshape(B, N, -1)``)."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(torch.softmax(q @ k.transpose(-2, -1), -1).matmul(v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_attention_that_can_lose_heads_is_not_swapped():
+    """Only modules whose own forward breaks without a head are swapped."""
+    model = nn.Sequential(_ReshapesByHeads(), nn.Sequential(TimmAttention(32, 4))).eval()
+    assert swap_fused_attention(model, torch.randn(1, 5, 32)) == ["1.0"]
+    assert isinstance(model[0], _ReshapesByHeads) and isinstance(model[1][0], FusedHeadAttention)
+
+
+class _WithTemperature(TimmAttention):
+    """timm's layout with a learnt temperature on the attention logits: not timm's function."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale * self.temperature
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_attention_with_another_function_is_not_swapped():
+    """A module that computes something else than timm's attention keeps its class (its heads are
+    then cut in place or kept whole with the cause, never replaced by different arithmetic)."""
+    model = nn.Sequential(_WithTemperature(32, 4)).eval()
+    assert swap_fused_attention(model, torch.randn(1, 5, 32)) == []
+    assert isinstance(model[0], _WithTemperature)
+
+
+@pytest.mark.parametrize("batch", [1, BATCH])
+def test_pruned_timm_vit_heads_after_iterative_steps(batch):
+    """Three iterative steps reach the same head count as one (2 of 4), never zero heads."""
+    data = _data(16)
+    torch.manual_seed(0)
+    model = _spec("timm_vit").build(10, data.input_shape)
+    config = PruneConfig(ratio=RATIO, round_to=ROUND_TO, probe=None, steps=3)
+    prune_at_ratio(model, PruneEnv(config=config, samples=data.train_x[:64].contiguous(), teacher=model), RATIO)
+    assert [m.num_heads for m in model.modules() if isinstance(m, FusedHeadAttention)] == [2, 2]
+    with torch.no_grad():
+        assert model.eval()(data.val_x[:batch]).shape == (batch, 10)
