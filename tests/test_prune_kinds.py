@@ -363,6 +363,23 @@ class OnlySplit(nn.Module):
         return self.fc(torch.cat((a * 2, b), 1).mean((2, 3)))
 
 
+class PooledBranches(nn.Module):
+    """Two conv branches, globally pooled (average, max), flattened and concatenated into fc."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.local = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.wide = nn.Sequential(nn.Conv2d(16, 32, 5, 2, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a = F.adaptive_avg_pool2d(self.local(x), 1).flatten(1)
+        b = F.adaptive_max_pool2d(self.wide(x), 1).flatten(1)
+        return self.fc(torch.cat([a, b], dim=1))
+
+
 def grouped(num_classes=10, norm="bn"):
     return GroupedNet(num_classes, norm)
 
@@ -489,6 +506,24 @@ def test_chunk_gate_loses_the_same_positions_in_both_halves(images):
     first, second = [k for k in kept if k < 32], [k - 32 for k in kept if k >= 32]
     assert first == second and len(first) == 16  # a's channel j is kept with b's channel j, in order
     assert "expand" not in rows  # cut as asked: no kept-whole line
+
+
+def test_pooled_branches_concatenated_into_fc_cut_the_matching_fc_columns(images):
+    """Each branch's pooled, flattened channels sit at their concatenation offset in fc's input:
+    pruning local 16 -> 8 and wide 32 -> 16 keeps exactly fc's columns of the kept channels
+    (torch-pruning read the flatten before the concatenation as a stride of 48 // 16 = 3)."""
+    model = _ready(PooledBranches(), images)
+    local, wide, fc = (model.local[0].weight.detach().flatten(1), model.wide[0].weight.detach().flatten(1),
+                       model.fc.weight.detach().clone())
+    stem = model.stem[0].weight.detach().flatten(1)
+    _, before, after, rows = _prune(model, images)
+    assert after["local.0"]["width"] == 8 and after["wide.0"]["width"] == 16 and model.fc.in_features == 24
+    stem_kept = _rows_kept(model.stem[0].weight.detach().flatten(1), stem)
+    local_kept = _rows_kept(model.local[0].weight.detach().flatten(1), local.view(16, 16, 9)[:, stem_kept].flatten(1))
+    wide_kept = _rows_kept(model.wide[0].weight.detach().flatten(1), wide.view(32, 16, 25)[:, stem_kept].flatten(1))
+    expected = torch.cat([fc[:, local_kept], fc[:, [16 + c for c in wide_kept]]], 1)
+    assert torch.equal(model.fc.weight.detach(), expected)
+    assert set(rows) == {"fc"}
 
 
 def test_torchvision_shufflenet_v2_prunes_its_branches_and_keeps_the_shuffled_streams(images):

@@ -54,8 +54,6 @@ KNOWN: dict[tuple[str, str], str] = {
     "cannot lose channels' although a broadcast 1-channel gate does not constrain the features' channels",
     ("prune", "shuffle_groups"): "4 layers kept whole: a channel shuffle (view to 5-D, transpose, view back) "
     "reorders the channels and torch-pruning cannot follow a reshape of more than 4 dimensions",
-    ("prune", "pooled_branches"): "1 layer kept whole: local.1.0's group breaks the forward (mat1 and mat2 shapes "
-    "cannot be multiplied (2x22 and 16x10): two pooled branches concatenated into fc)",
 }
 
 #: ONNX exports that take 8-30 s each here (many graph nodes: MobileNets, MobileViT, LeViT, Swin,

@@ -14,6 +14,13 @@
   an identity mapping that is wrong for a permutation. ``reshape_rule`` restores the rule while
   the graph and its groups are built; a group stops at a reshape left unmapped and is kept whole
   (``EdgePruner.estimate_importance``), the rest of the model is pruned.
+- **Flatten into a concatenation** (``cat([pool(a).flatten(1), pool(b).flatten(1)])`` into a
+  classifier): torch-pruning infers a flatten's stride as (channels after) // (channels before),
+  and after a concatenation "channels after" is the whole concatenation (16 -> 48 read as a
+  stride of 3), so pruning one branch cut the wrong columns of the classifier. Its own check
+  (C*H*W must equal the channels after, else no mapping) reads ``_saved_self_sizes`` too; here
+  a 4-D input's stride is its H*W (``_fix_flatten``): 1 after global pooling (channels map one
+  to one, and the concatenation's offsets place them in the classifier's input).
 """
 
 from __future__ import annotations
@@ -69,12 +76,8 @@ class ReshapeState:
             return
         self.unmapped.add(node)
         stop = _Unmapped(node, self)
-        for dep in node.dependencies:
+        for dep in _reshape_edges(node):
             dep.index_mapping[0] = stop
-        for neighbour in [*node.inputs, *node.outputs]:
-            for dep in neighbour.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[0] = stop
 
 
 @contextmanager
@@ -93,16 +96,39 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             state.stop_at(node)
             return None
         try:
-            return original(graph, node)
+            original(graph, node)
         except ZeroDivisionError:
             state.stop_at(node)
             return None
+        if sizes is not None and len(sizes) == 4:
+            _fix_flatten(node, sizes[2] * sizes[3])
+        return None
 
     index_mapping.update_reshape_index_mapping = guarded
     try:
         yield state
     finally:
         index_mapping.update_reshape_index_mapping = original
+
+
+def _reshape_edges(node) -> Iterator:
+    """Every dependency between a reshape node and its neighbours (both directions)."""
+    yield from node.dependencies
+    for neighbour in [*node.inputs, *node.outputs]:
+        yield from (dep for dep in neighbour.dependencies if dep.target is node)
+
+
+def _fix_flatten(node, spatial: int) -> None:
+    """A 4-D (B, C, H, W) input flattened: channel c becomes features c*H*W .. (c+1)*H*W - 1, so
+    the stride is H*W whatever torch-pruning inferred from the layers after it (a concatenation
+    in between makes that the concatenation's width); H*W == 1 maps channels one to one."""
+    for dep in _reshape_edges(node):
+        mapping = dep.index_mapping[0]
+        if isinstance(mapping, index_mapping._FlattenIndexMapping) and mapping._stride != spatial:
+            if spatial == 1:
+                dep.index_mapping[0] = None
+            else:
+                mapping._stride = spatial
 
 
 def guard_groups(dg, state: ReshapeState) -> None:
