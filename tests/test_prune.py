@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,9 @@ from edgekd.prune.config import PruneConfig
 from edgekd.prune.latency import export_for_timing
 from edgekd.prune.pruner import find_classifier, layer_widths
 from edgekd.prune.targets import PruneEnv, prune_at_ratio, reach_target
+from edgekd.report.markdown import render_markdown
+from edgekd.report.schema import Report
+from edgekd.report.tables import fmt_count
 from edgekd.runtimes.registry import get_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -445,3 +449,9 @@ def test_iterative_pruning_with_recovery_keeps_the_student_alive(trained_resnet,
     assert all(r["alive"] and r["finite"] for r in rows)
     assert "→" in stepped.ledger[-1].notes["val_by_step"]
     assert (tmp_path / "three" / "stages" / "prune" / "recovery" / "step1" / "best.pt").is_file()
+    # the report shows what prune.json holds: per-layer widths, the layer kept whole and why, each step
+    md = render_markdown(Report(generated="now", run_dir=str(tmp_path), name="steps", stage_data=stepped.report_data))
+    assert "## Pruning: output channels per layer" in md and "## Pruning steps" in md
+    assert "| fc | Linear | 10 | 10 | 100% | classifier (its outputs are the classes) |" in md
+    assert re.search(r"\| layer3\.0\.conv1 \| Conv2d \| 64 \| \d+ \| \d+% \|  \|", md), md
+    assert f"| 1 | 0.20 | {fmt_count(rows[0]['params'])} |" in md and "1 epoch(s) distill" in md

@@ -118,7 +118,11 @@ def test_markdown_and_html_render_with_plots(run):
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) == 3 and all(len(i) > 1000 for i in images)  # latency, Pareto, ledger
     assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
-    assert html.count("<table>") >= 7 and "Pareto" in html
+    assert html.count("<table>") >= 9 and "Pareto" in html
+    # what the stages decided reaches the report, not only report.json: each distillation epoch
+    # and each exported file with its parity figures
+    assert "## Distillation epochs" in md and re.search(r"\| 1 \| [0-9.e-]+ \| \d+\.\d{4} \| \d+\.\d\d% \|", md)
+    assert "## Exported files" in md and "| student | onnx | artifacts/student.onnx | ok |" in md
 
 
 def test_report_command_renders_again_from_the_files(run, tmp_path):

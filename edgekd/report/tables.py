@@ -168,5 +168,7 @@ def machine_rows(report: Report) -> list[tuple[str, str]]:
 
 def all_tables(report: Report) -> list[Table]:
     """Every table, in the order the Markdown and HTML reports show them."""
+    from edgekd.report.stage_tables import stage_tables  # it builds on this module's formatters
+
     return [headline_table(report), accuracy_table(report), latency_table(report), models_table(report),
-            peak_table(report), ledger_table(report), stages_table(report)]
+            peak_table(report), ledger_table(report), *stage_tables(report), stages_table(report)]

@@ -1,0 +1,146 @@
+"""Tables for what each stage decided: pruned widths, layers kept whole and why, prune steps,
+distillation epochs, quantize candidates and exported files (parity, XNNPACK delegation).
+
+They read ``Report.stage_data`` (each stage's own report dict, as written to report.json), so a
+field a stage did not record renders as "—" and an older run still renders. A stage absent from
+the run gives no table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekd.report.schema import Report
+from edgekd.report.tables import Table, fmt_bytes, fmt_count, fmt_num
+
+#: below this share of operators inside the XNNPACK delegate a .pte runs mostly on ExecuTorch's
+#: portable (reference) kernels, typically 10-100x slower: the table flags it
+LOW_DELEGATION = 0.9
+
+
+def _pct(v: Any) -> str:
+    return fmt_num(v if isinstance(v, (int, float)) else None, ".2f", "%")
+
+
+def prune_layers_table(report: Report) -> Table | None:
+    """Every pruned layer's output width before and after, and every layer left whole with its reason."""
+    prune = report.stage_data.get("prune")
+    if not isinstance(prune, dict):
+        return None
+    reasons: dict[str, str] = {}
+    for row in prune.get("kept_whole") or []:
+        reasons[row.get("layer", "?")] = row.get("reason", "")
+    for group in prune.get("groups_kept_whole") or []:
+        for layer in group.get("layers") or []:
+            reasons.setdefault(layer, group.get("reason", ""))
+    t = Table("Pruning: output channels per layer", ["layer", "type", "before", "after", "kept", "left whole because"],
+              caption=f"importance {prune.get('importance', '?')}, target {prune.get('target', '?')}, reached "
+                      f"{prune.get('reached', '?')}; every prunable layer at full width is listed with its reason")
+    seen = set()
+    for row in prune.get("channels") or []:
+        layer, before, after = row.get("layer", "?"), row.get("before"), row.get("after")
+        seen.add(layer)
+        kept = f"{100 * after / before:.0f}%" if before and after is not None else "—"
+        t.rows.append([layer, str(row.get("type", "")), str(before), str(after), kept, reasons.get(layer, "")])
+    for layer, reason in reasons.items():
+        if layer not in seen:
+            t.rows.append([layer, "", "", "", "100%", reason])
+    return t
+
+
+def prune_steps_table(report: Report) -> Table | None:
+    """Accuracy after each step of an iterative prune and after its short recovery."""
+    prune = report.stage_data.get("prune")
+    steps = prune.get("steps") if isinstance(prune, dict) else None
+    if not steps:
+        return None
+    t = Table("Pruning steps", ["step", "channel ratio", "params", "MACs / sample", "val top-1 after pruning",
+                                "recovery", "val top-1 after recovery"],
+              caption="val split; BatchNorm statistics recalibrated after each step")
+    for s in steps:
+        rec = s.get("recovery") or {}
+        recovery = (f"{rec.get('epochs')} epoch(s) {rec.get('objective', '')}, lr {rec.get('lr')}"
+                    + (f", {rec['rollbacks']} rollback(s)" if rec.get("rollbacks") else "")) if rec else "—"
+        t.rows.append([str(s.get("step")), fmt_num(s.get("channel_ratio"), ".2f"), fmt_count(s.get("params")),
+                       fmt_count(s.get("macs")), _pct(s.get("val_accuracy")), recovery,
+                       _pct(rec.get("val_accuracy_after"))])
+    return t
+
+
+def _guard_text(event: dict[str, Any]) -> str:
+    if event.get("action") == "rollback":
+        return f"{event.get('reason')}: rolled back to epoch {event.get('to_epoch')}, lr x{event.get('lr_factor')}"
+    if event.get("action") == "bn_recalibration":
+        return (f"epoch {event.get('epoch')}: BatchNorm statistics re-estimated, val {_pct(event.get('val_before'))}"
+                f" -> {_pct(event.get('val_after'))}")
+    return ", ".join(f"{k} {v}" for k, v in event.items())
+
+
+def distill_history_table(report: Report) -> Table | None:
+    """One row per recovery epoch, and the divergence guard's interventions."""
+    distill = report.stage_data.get("distill")
+    if not isinstance(distill, dict) or not distill.get("history"):
+        return None
+    start = distill.get("val_at_start")
+    events = distill.get("guard_events") or []
+    caption = (f"val split; the student started at {_pct(start)}; best epoch {distill.get('best_epoch')} "
+               f"(chosen on val)")
+    if events:
+        caption += "; divergence guard: " + "; ".join(_guard_text(e) for e in events)
+    t = Table("Distillation epochs", ["epoch", "lr", "train loss", "train top-1", "val loss", "val top-1"],
+              caption=caption)
+    for h in distill["history"]:
+        t.rows.append([str(h.get("epoch")), fmt_num(h.get("lr"), ".2g"), fmt_num(h.get("train_loss"), ".4f"),
+                       _pct(h.get("train_accuracy")), fmt_num(h.get("val_loss"), ".4f"), _pct(h.get("val_accuracy"))])
+    return t
+
+
+def quantize_candidates_table(report: Report) -> Table | None:
+    """Every INT8 candidate tried, its accuracy, measured latency and the decision."""
+    quant = report.stage_data.get("quantize")
+    if not isinstance(quant, dict) or not quant.get("candidates"):
+        return None
+    fp32 = quant.get("fp32") or {}
+    t = Table("Quantization candidates", ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32",
+                                          "size", "decision"],
+              caption=f"timed on {quant.get('runtime', '?')}, {quant.get('threads', '?')} thread(s), batch "
+                      f"{quant.get('batch_size', '?')}; FP32 {_pct(fp32.get('accuracy'))}, "
+                      f"{fmt_num(fp32.get('latency_ms'), '.3f')} ms; {quant.get('reason', '')}")
+    for c in quant["candidates"]:
+        decision = c.get("decision") or ""
+        if c.get("error"):
+            decision = f"failed: {c['error']}"
+        t.rows.append([str(c.get("name")), str(c.get("precision", "")), _pct(c.get("accuracy")),
+                       fmt_num(c.get("accuracy_drop"), ".2f"), fmt_num(c.get("latency_ms"), ".3f"),
+                       fmt_num(c.get("speedup_vs_fp32"), ".2f", "x"), fmt_bytes(c.get("size_bytes")), decision])
+    return t
+
+
+def export_files_table(report: Report) -> Table | None:
+    """Each exported file: parity against PyTorch and, for .pte, the share delegated to XNNPACK."""
+    export = report.stage_data.get("export")
+    if not isinstance(export, dict) or not export.get("artifacts"):
+        return None
+    t = Table("Exported files", ["role", "format", "file", "status", "size", "max |Δ|", "cosine", "SQNR dB",
+                                 "top-1 agree", "batches checked", "XNNPACK share"],
+              caption=f"parity on {export.get('parity_samples', '?')} real samples against the PyTorch model; "
+                      f"XNNPACK share: operators inside the delegate (below {LOW_DELEGATION:.0%} the rest run on "
+                      "ExecuTorch's portable kernels, much slower)")
+    for a in export["artifacts"]:
+        share = a.get("delegated_share")
+        share_text = "—" if share is None else f"{100 * share:.1f}%" + (" LOW" if share < LOW_DELEGATION else "")
+        status = a.get("status", "?") if a.get("status") == "ok" else f"{a.get('status')}: {a.get('error', '')}"
+        agree = a.get("top1_agreement")
+        t.rows.append([str(a.get("role")), str(a.get("fmt")), str(a.get("path", "")), status,
+                       fmt_bytes(a.get("file_bytes")), fmt_num(a.get("max_abs_diff"), ".2e"),
+                       fmt_num(a.get("cosine_similarity"), ".6f"), fmt_num(a.get("sqnr_db"), ".1f"),
+                       _pct(None if agree is None else 100 * agree),
+                       ", ".join(str(b) for b in a.get("batches_checked") or []) or "—", share_text])
+    return t
+
+
+def stage_tables(report: Report) -> list[Table]:
+    """The stage-detail tables present in this report, in pipeline order."""
+    makers = (prune_layers_table, prune_steps_table, distill_history_table, export_files_table,
+              quantize_candidates_table)
+    return [t for t in (make(report) for make in makers) if t is not None]
