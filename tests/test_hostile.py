@@ -390,3 +390,18 @@ def test_corrupt_artifact_to_benchmark_is_exit_2_naming_the_file(tmp_path, suffi
     assert f"model{suffix}" in proc.stderr and "export it again" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "already exists" not in proc.stderr  # ORT's duplicate-config warning, once printed for .ort
+
+
+def test_more_calibration_samples_than_the_split_is_refused_by_validate():
+    # before, the request failed only when the quantize stage ran, after teacher training and distillation
+    from edgekd.errors import RecipeError
+    from edgekd.pipeline.validate import validate_document
+    from edgekd.recipe.load import load_recipe
+
+    doc = load_recipe(REPO / "recipes" / "quickstart.yaml",
+                      ["data.image_size=8", "teacher.kwargs.width=8",
+                       "stages.3.quantize.method.calibration.samples=5000"])
+    with pytest.raises(RecipeError) as info:
+        validate_document(doc)
+    assert info.value.key == "stages.3.quantize.method.calibration.samples" and info.value.line is not None
+    assert "the training split holds 1" in info.value.message and "at most" in info.value.hint

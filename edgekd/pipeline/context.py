@@ -75,6 +75,8 @@ class ValidationContext:
     student: nn.Module
     example_batch: torch.Tensor
     num_classes: int
+    #: samples in the training split (calibration and other sample counts are checked against it)
+    train_samples: int | None = None
 
 
 @dataclass

@@ -75,7 +75,7 @@ def validate_document(doc: RecipeDocument) -> ValidationSummary:
     for i, entry in enumerate(recipe.stages):
         _check_augment(doc, f"stages.{i}.{entry.key}", entry.config, example)
     ctx = ValidationContext(recipe=recipe, teacher=teacher, student=student, example_batch=example,
-                            num_classes=data.num_classes)
+                            num_classes=data.num_classes, train_samples=len(data.train))
     names = []
     for i, entry in enumerate(recipe.stages):
         names.append(entry.key)

@@ -22,6 +22,16 @@ from edgekd.quantize.config import ExecuTorchMethod, QatMethod, QuantizeConfig
 from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
 
 
+def calibration_request(method: object) -> tuple[str | None, int]:
+    """(recipe key under ``quantize``, number) of the training samples a method calibrates on."""
+    if isinstance(method, ExecuTorchMethod):
+        return "method.samples", method.samples
+    calibration = getattr(method, "calibration", None)
+    if calibration is not None:
+        return "method.calibration.samples", calibration.samples
+    return None, 0
+
+
 @register_stage(QuantizeConfig)
 class QuantizeStage(Stage[QuantizeConfig]):
     name: ClassVar[str] = "quantize"
@@ -36,6 +46,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 require_executorch()
             except RuntimeUnavailableError as exc:
                 raise RecipeError(exc.message, key="quantize.method", hint=exc.hint) from exc
+        # calibration draws real training samples: more than the split holds would fail only after
+        # the training stages before this one had run
+        key, wanted = calibration_request(method)
+        if key is not None and ctx.train_samples is not None and wanted > ctx.train_samples:
+            raise RecipeError(f"{wanted} calibration samples asked for, but the training split holds "
+                              f"{ctx.train_samples}", key=f"quantize.{key}",
+                              hint=f"set {key} to at most {ctx.train_samples}")
 
     def run(self, ctx: RunContext) -> None:
         workdir = ctx.stage_dir("quantize")
