@@ -341,3 +341,23 @@ def test_two_process_ddp_matches_one_process(digits8, tmp_path):
     s1 = torch.load(tmp_path / "student1.pt", weights_only=True)
     for key in s0:
         torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0)
+
+
+def test_a_last_batch_of_one_sample_is_merged_so_batchnorm_trains(digits8, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from edgekd.data.bundle import DataBundle
+    from edgekd.train.trainer import epoch_batches
+
+    # 2 x 32 + 1 training samples: cut plainly, the last batch holds one sample, and BatchNorm1d after
+    # a Linear (or after global pooling: Hugging Face EfficientNet, MobileNetV1, LeViT) raises
+    # "Expected more than 1 value per channel when training"
+    n = 65
+    data = DataBundle(train=TensorDataset(digits8.train_x[:n], digits8.train_y[:n]), val=digits8.val,
+                      num_classes=10, input_shape=digits8.input_shape)
+    batches = epoch_batches(n, 32, epoch=1, seed=0)
+    assert [len(b) for b in batches] == [32, 33]
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))  # every sample still seen once an epoch
+    assert [len(b) for b in epoch_batches(64 + 5, 32, epoch=1, seed=0)] == [32, 32, 5]  # others as they were
+    result = fit(bn_mlp(), CrossEntropyObjective(), data, TrainConfig(epochs=2, batch_size=32), tmp_path, device=CPU)
+    assert result.epochs_run == 2 and len(result.history) == 2

@@ -126,19 +126,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # -- batches ---------------------------------------------------------------------------------------
 
+def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, int]]:
+    """(start, end) of each global batch of an epoch's permutation of ``n`` samples.
+
+    A last batch that would give some rank a single sample (fewer than 2 x world samples) is merged
+    into the batch before it: BatchNorm in train mode cannot normalise one sample ("Expected more than
+    1 value per channel when training" after global pooling, as in Hugging Face EfficientNet,
+    MobileNetV1 or LeViT when the train split is 1 more than a multiple of the batch size), and a
+    one-sample step is mostly noise. Every sample is still seen once per epoch. A split too small for
+    even one batch of ``world`` samples gives none."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * world:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return [(a, b) for a, b in bounds if b - a >= world]
+
+
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
-    """This rank's index batches for one epoch: one global permutation, cut into global batches,
-    each split round-robin over the ranks (a global batch smaller than the world is dropped)."""
+    """This rank's index batches for one epoch: one global permutation, cut into global batches
+    (``global_batches``), each split round-robin over the ranks."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=generator)
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    batches = []
-    for start in range(0, n, batch_size):
-        chunk = perm[start:start + batch_size]
-        if len(chunk) < world:
-            continue
-        batches.append(chunk[rank::world])
-    return batches
+    return [perm[a:b][rank::world] for a, b in global_batches(n, batch_size, world)]
 
 
 # -- precision -------------------------------------------------------------------------------------
@@ -383,7 +392,9 @@ def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size,
     # (BatchNorm momentum 0.01 lags far behind the weights early in training)
     from edgekd.prune.batchnorm import recalibrate_batchnorm
 
-    batches = ((x.to(device), y) for x, y in data.train_loader(batch_size, seed=seed * 100_003 + epoch))
+    # drop_last: a last batch of one sample cannot be normalised in train mode (see ``global_batches``)
+    loader = data.train_loader(batch_size, seed=seed * 100_003 + epoch, drop_last=len(data.train) > batch_size)
+    batches = ((x.to(device), y) for x, y in loader)
     used = recalibrate_batchnorm(model, batches, guard.bn_recalibration_batches)
     new_acc, new_loss = evaluate(model, data.val_x, data.val_y, device=device, mixed_precision=config.mixed_precision)
     event = {"epoch": epoch, "action": "bn_recalibration", "batches": used, "train_accuracy": row["train_accuracy"],
@@ -456,6 +467,7 @@ def _epoch_steps(model, objective, extra_params, optimizer, scheduler, scaler, c
                  params, lr_at_start, started, batch_size) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     seen = correct = labeled = 0
+    global_sizes = [b - a for a, b in global_batches(len(train_x), batch_size, dist_utils.world_size())]
     for step, index in enumerate(batches, start=1):
         # contiguous inputs: torch 2.13 CPU crashed in backward() on strided batches of pruned nets
         x = train_x[index].contiguous()
@@ -467,7 +479,7 @@ def _epoch_steps(model, objective, extra_params, optimizer, scheduler, scaler, c
         loss = out.total.float()
         _check_step(loss, label, epoch, step, optimizer, config, state, num_classes)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss * _rank_weight(len(index), len(train_x), batch_size, step)).backward()
+        scaler.scale(loss * _rank_weight(len(index), global_sizes[step - 1])).backward()
         dist_utils.average_gradients(extra_params)
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
@@ -498,13 +510,13 @@ def _epoch_steps(model, objective, extra_params, optimizer, scheduler, scaler, c
     return row
 
 
-def _rank_weight(local: int, n: int, batch_size: int, step: int) -> float:
-    """DDP averages gradients over ranks equally; when a global batch splits unevenly (the last one),
-    weight this rank's mean loss by its share so the average is the global batch's mean gradient."""
+def _rank_weight(local: int, global_n: int) -> float:
+    """DDP averages gradients over ranks equally; when a global batch of ``global_n`` samples splits
+    unevenly (the last one), weight this rank's mean loss by its share so the average is the global
+    batch's mean gradient."""
     world = dist_utils.world_size()
     if world == 1:
         return 1.0
-    global_n = min(batch_size, n - (step - 1) * batch_size)
     return local * world / global_n
 
 
