@@ -168,3 +168,29 @@ def test_pruned_timm_vit_heads_after_iterative_steps(batch):
     assert [m.num_heads for m in model.modules() if isinstance(m, FusedHeadAttention)] == [2, 2]
     with torch.no_grad():
         assert model.eval()(data.val_x[:batch]).shape == (batch, 10)
+
+
+# -- Hugging Face Swin ------------------------------------------------------------------------
+def test_hf_swin_loses_whole_heads_and_their_position_biases(tmp_path):
+    """Swin's heads (2 and 4 per stage) go to 1 and 2 with their columns of the relative position
+    bias table; the MLP hidden width halves; the residual stream is kept whole for a stated design
+    reason (6-D window views), never reported as a failed group."""
+    from edgekd.prune.pruner import kept_whole_rows, layer_widths
+
+    teacher, student, plan = _pruned("hf_swin")
+    attention = [m for m in student.modules() if type(m).__name__ == "SwinSelfAttention"]
+    assert [m.num_attention_heads for m in attention] == [1, 2]
+    for module in attention:
+        assert module.attention_head_size == 16 and module.all_head_size == 16 * module.num_attention_heads
+        assert module.query.out_features == module.key.out_features == module.value.out_features == module.all_head_size
+        assert module.relative_position_bias_table.shape[1] == module.num_attention_heads
+    blocks = [m for m in student.modules() if type(m).__name__ == "SwinLayer"]
+    assert [b.intermediate.dense.out_features for b in blocks] == [64, 128]
+    assert [b.attention.output.dense.in_features for b in blocks] == [16, 32]
+    rows = kept_whole_rows(layer_widths(teacher), layer_widths(student), plan, RATIO)
+    residual = {r["layer"]: r["reason"] for r in rows if r["layer"] != "model.classifier"}
+    assert "model.swin.embeddings.patch_embeddings.projection" in residual
+    assert all("by design" in why and "failed" not in why for why in residual.values()), residual
+    x = _data(32).val_x
+    _assert_runs(student, x)
+    _assert_reloads("hf_swin", student, x, tmp_path)

@@ -42,8 +42,6 @@ PARITY_SAMPLES = 64
 
 #: (test, model) -> the failure seen today; each is xfail(strict=True) so a fix shows up as XPASS
 KNOWN: dict[tuple[str, str], str] = {
-    ("prune", "hf_swin"): "10 layers kept whole: the patch-embedding group breaks the forward (LayerNorm "
-    "normalized_shape=[96] gets [2, 64, 64]: patch merging's reshape/slicing); q/k/v never cut by heads",
     ("prune", "hf_levit"): "14 layers kept whole: embedding_layer_4 group breaks the forward (mat1 and mat2 "
     "shapes cannot be multiplied (2x16 and 29x32): LevitAttentionSubsample's reshape/slicing); q/k/v not by heads",
     ("prune", "tv_shufflenet_v2"): "7 layers kept whole: torch-pruning scoring fails on chunk + cat + channel "

@@ -37,14 +37,18 @@ class HeadLayout:
     """One attention module whose heads torch-pruning may remove.
 
     ``projections`` are the Linear layers whose outputs are laid out head-major: three
-    (q, k, v) or one fused layer with ``3 * heads * head_dim`` outputs.
+    (q, k, v) or one fused layer with ``3 * heads * head_dim`` outputs. ``out_proj`` reads all
+    heads (fused layouts: the module's own; separate q/k/v: the output projection beside the
+    module, Hugging Face's ``attention.output.dense``). ``head_params``: the module's own
+    parameters with one axis per head, as (name, axis) (Swin's ``relative_position_bias_table``).
     """
 
     name: str
     module: nn.Module
     count_attr: str
     projections: tuple[nn.Linear, ...]
-    out_proj: nn.Linear | None = None  # fused layouts: the projection reading all heads
+    out_proj: nn.Linear | None = None
+    head_params: tuple[tuple[str, int], ...] = ()
 
     @property
     def heads(self) -> int:
@@ -53,6 +57,14 @@ class HeadLayout:
     @property
     def fused(self) -> bool:
         return len(self.projections) == 1
+
+    @property
+    def local(self) -> bool:
+        """Heads cut by ``drop_heads`` rather than torch-pruning's graph: fused q/k/v taken by
+        indexing (torch-pruning's scoring raises IndexError on it), and modules with per-head
+        parameters (torch-pruning prunes an unwrapped parameter's last axis channel by channel,
+        not head by head: Swin's bias table of 2 heads was cut with channel indices)."""
+        return self.out_proj is not None and (self.fused or bool(self.head_params))
 
     def inner_width(self) -> int:
         """Features of one of q, k or v: ``heads * head_dim``."""
@@ -63,27 +75,36 @@ class HeadLayout:
         return self.inner_width() // self.heads
 
     def drop_heads(self, keep: int) -> list[int]:
-        """Fused layouts: remove the heads with the smallest L2 weight (their q/k/v rows of the fused
-        projection and their columns of the output projection) with torch-pruning's pruning
+        """Remove the heads with the smallest L2 weight (their q/k/v rows, their columns of the
+        output projection, their entries of per-head parameters) with torch-pruning's pruning
         functions, until ``keep`` remain; update the attributes. Returns the heads removed.
 
-        Used where torch-pruning's graph cannot follow the fused layout (heads taken from the
-        fused output by indexing raise IndexError when it scores the group)."""
+        Used where torch-pruning's graph cannot follow the layout (see ``local``)."""
         import torch
         import torch_pruning as tp
 
-        assert self.fused and self.out_proj is not None
+        assert self.out_proj is not None
         heads, dim, inner = self.heads, self.head_dim(), self.inner_width()
         if keep >= heads:
             return []
-        qkv, proj = self.projections[0], self.out_proj
+        proj = self.out_proj
         with torch.no_grad():
-            rows = qkv.weight.view(3, heads, dim, -1).pow(2).sum((0, 2, 3))
+            rows = sum(p.weight.view(-1, heads, dim, p.in_features).pow(2).sum((0, 2, 3)) for p in self.projections)
             cols = proj.weight.view(proj.out_features, heads, dim).pow(2).sum((0, 2))
         drop = sorted(torch.argsort(rows + cols)[: heads - keep].tolist())
         per_head = [h * dim + d for h in drop for d in range(dim)]
-        tp.prune_linear_out_channels(qkv, [part * inner + i for part in range(3) for i in per_head])
+        if self.fused:
+            tp.prune_linear_out_channels(self.projections[0], [part * inner + i for part in range(3) for i in per_head])
+        else:
+            for layer in self.projections:
+                tp.prune_linear_out_channels(layer, per_head)
         tp.prune_linear_in_channels(proj, per_head)
+        kept = [h for h in range(heads) if h not in drop]
+        for name, axis in self.head_params:
+            param = getattr(self.module, name)
+            with torch.no_grad():
+                kept_part = param.index_select(axis, torch.tensor(kept, device=param.device)).clone()
+            setattr(self.module, name, nn.Parameter(kept_part, requires_grad=param.requires_grad))
         self.update(keep)
         return drop
 
@@ -101,6 +122,31 @@ class HeadLayout:
 def _linear(module: nn.Module, name: str) -> nn.Linear | None:
     child = module._modules.get(name)
     return child if isinstance(child, nn.Linear) else None
+
+
+def _head_params(module: nn.Module, heads: int) -> tuple[tuple[str, int], ...]:
+    """The module's own parameters with exactly one axis of length ``heads`` (none when a
+    parameter has several: which is the head axis would be a guess)."""
+    found = []
+    for name, param in module._parameters.items():
+        axes = [i for i, size in enumerate(param.shape) if size == heads] if param is not None and heads > 1 else []
+        if len(axes) == 1:
+            found.append((name, axes[0]))
+    return tuple(found)
+
+
+def _out_projection(model: nn.Module, name: str, module: nn.Module, inner: int,
+                    projections: tuple[nn.Linear, ...]) -> nn.Linear | None:
+    """The one Linear beside an attention module (under its parent, e.g. Hugging Face's
+    ``attention.output.dense``) that reads ``inner`` features; None when there is not exactly one."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if name else None
+    if parent is None:
+        return None
+    inside = set(module.modules())
+    found = [m for m in parent.modules() if isinstance(m, nn.Linear) and m not in inside
+             and m.in_features == inner and m not in projections]
+    return found[0] if len(found) == 1 else None
 
 
 def find_head_layouts(model: nn.Module) -> list[HeadLayout]:
@@ -121,7 +167,10 @@ def find_head_layouts(model: nn.Module) -> list[HeadLayout]:
         for names in SEPARATE_QKV:
             layers = [_linear(module, n) for n in names]
             if all(layers) and len({lin.out_features for lin in layers}) == 1 and layers[0].out_features % heads == 0:
-                found.append(HeadLayout(name, module, count_attr, tuple(layers)))  # type: ignore[arg-type]
+                projections = tuple(layers)
+                out = _out_projection(model, name, module, layers[0].out_features, projections)  # type: ignore[arg-type]
+                found.append(HeadLayout(name, module, count_attr, projections, out,  # type: ignore[arg-type]
+                                        _head_params(module, heads) if out is not None else ()))
                 break
         else:
             for fused_name in FUSED_QKV:
@@ -129,7 +178,7 @@ def find_head_layouts(model: nn.Module) -> list[HeadLayout]:
                 if fused is not None and fused.out_features % (3 * heads) == 0:
                     out = next((lin for n in OUT_PROJ if (lin := _linear(module, n)) is not None
                                 and lin.in_features == fused.out_features // 3), None)
-                    found.append(HeadLayout(name, module, count_attr, (fused,), out))
+                    found.append(HeadLayout(name, module, count_attr, (fused,), out, _head_params(module, heads)))
                     break
     return found
 
@@ -178,7 +227,7 @@ def swap_fused_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
     forward, kept whole with the cause. Returns the names swapped; ``model`` is in eval mode here.
     """
     names = {layout.module: layout.name for layout in find_head_layouts(model)
-             if layout.fused and layout.out_proj is not None and layout.heads > 1
+             if layout.fused and not layout.head_params and layout.out_proj is not None and layout.heads > 1
              and isinstance(layout.module._modules.get("qkv"), nn.Linear)
              and layout.module._modules.get("proj") is layout.out_proj}
     if not names:

@@ -42,6 +42,7 @@ from edgekd.prune.safety import (
     train_mode_forward,
     train_outputs_differ,
 )
+from edgekd.prune.windowed import window_residuals
 
 WIDTH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -420,6 +421,7 @@ def build_plan(model: nn.Module, example: torch.Tensor, config: PruneConfig, *, 
     ignoring their root layer. Raises ``ModelError`` when torch-pruning cannot trace the model.
     """
     kept_whole = list(kept_whole)
+    kept_whole += [k for k in window_residuals(model) if k.root not in {f.root for f in kept_whole}]
     example = example.contiguous()
     one = example[:1]
     was_training = model.training
@@ -434,13 +436,14 @@ def build_plan(model: nn.Module, example: torch.Tensor, config: PruneConfig, *, 
         # q/k/v widths change only by whole heads (PruningPlan._prune_heads), never channel by channel
         ignored += [m.qkv for m in attention]
         layouts = find_head_layouts(model)
-        # fused q/k/v with its own output projection: heads cut by HeadLayout.drop_heads, the
-        # fused projection kept out of the graph's channel pruning (as SplitHeadAttention's qkv)
-        local = [layout for layout in layouts if layout.fused and layout.out_proj is not None]
+        # fused q/k/v with its own output projection, or heads with per-head parameters: heads cut by
+        # HeadLayout.drop_heads, the projections kept out of the graph's channel pruning (as
+        # SplitHeadAttention's qkv)
+        local = [layout for layout in layouts if layout.local]
         layouts = [layout for layout in layouts if layout not in local]
         whole = {id(m) for m in _resolve_all(model, [f.root for f in kept_whole], "layer")}
         local = [layout for layout in local if id(layout.projections[0]) not in whole]
-        ignored += [layout.projections[0] for layout in local]
+        ignored += [proj for layout in local for proj in layout.projections]
         num_heads = {proj: layout.heads for layout in layouts for proj in layout.projections}
         multiple = math.lcm(config.round_to or 1, _mha_head_multiple(model))
         names = list(layer_ratios or {})
