@@ -481,18 +481,28 @@ def test_channel_shuffle_prunes_the_branches_and_keeps_the_shuffled_stream(image
     assert "stem.0" in rows and "reshape/view" in rows["stem.0"]["reason"]
 
 
-def test_gates_prune_around_the_one_channel_gate(images):
-    model = _ready(GatedNet(), images)
-    _, before, after, rows = _prune(model, images)
-    assert after["stem.0"]["width"] == 16 and after["mid.0"]["width"] == 32 and after["se.3"]["width"] == 32
-    assert after["conv.0"]["width"] == 32 and "1-channel output of gate" in rows["conv.0"]["reason"]
-    assert after["se.1"]["width"] == 8  # squeeze 16 -> 8
 
 
 def _rows_kept(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
     """Which rows of ``original`` the rows of ``pruned`` are (pruning copies weights, never changes them)."""
     return [int(torch.cdist(row[None], original).argmin()) for row in pruned]
 
+
+def test_one_channel_spatial_gate_leaves_the_features_channels_free(images):
+    """y * sigmoid(gate(y)) with a 1-channel gate: the gate broadcasts over y's channels and ties
+    none of them, so conv is cut 32 -> 16 like any layer; the gate keeps its one output channel
+    and reads the 16 kept channels (torch-pruning coupled conv's 32 channels to the gate's one)."""
+    model = _ready(GatedNet(), images)
+    conv, gate = model.conv[0].weight.detach().flatten(1), model.gate.weight.detach().clone()
+    stem = model.stem[0].weight.detach().flatten(1)
+    _, before, after, rows = _prune(model, images)
+    assert after["stem.0"]["width"] == 16 and after["mid.0"]["width"] == 32 and after["se.3"]["width"] == 32
+    assert after["conv.0"]["width"] == 16 and "conv.0" not in rows
+    assert model.gate.out_channels == 1 and model.gate.in_channels == 16
+    stem_kept = _rows_kept(model.stem[0].weight.detach().flatten(1), stem)
+    conv_kept = _rows_kept(model.conv[0].weight.detach().flatten(1), conv.view(32, 32, 9)[:, stem_kept].flatten(1))
+    assert torch.equal(model.gate.weight.detach(), gate[:, conv_kept])  # the gate reads the kept channels
+    assert after["se.1"]["width"] == 8  # squeeze 16 -> 8
 
 def test_chunk_gate_loses_the_same_positions_in_both_halves(images):
     """expand's 64 outputs are two halves multiplied together (a * sigmoid(b)): torch-pruning's

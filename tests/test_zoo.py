@@ -48,8 +48,6 @@ KNOWN: dict[tuple[str, str], str] = {
     "shuffle (IndexError: index 16 is out of bounds for dimension 0 with size 16)",
     ("prune", "split_sizes"): "3 layers kept whole: torch.split with stored int sizes: torch-pruning scoring fails "
     "(IndexError: index 8 is out of bounds for dimension 0 with size 8); split sizes are not updated",
-    ("prune", "spatial_gate"): "2 layers kept whole: 'coupled to the 1-channel output of body.0.gate ... the group "
-    "cannot lose channels' although a broadcast 1-channel gate does not constrain the features' channels",
     ("prune", "shuffle_groups"): "4 layers kept whole: a channel shuffle (view to 5-D, transpose, view back) "
     "reorders the channels and torch-pruning cannot follow a reshape of more than 4 dimensions",
 }

@@ -14,6 +14,13 @@
   an identity mapping that is wrong for a permutation. ``reshape_rule`` restores the rule while
   the graph and its groups are built; a group stops at a reshape left unmapped and is kept whole
   (``EdgePruner.estimate_importance``), the rest of the model is pruned.
+- **Broadcast gates** (``y * torch.sigmoid(self.gate(y))`` with a 1-channel gate, CBAM's
+  spatial attention): torch-pruning couples every input of an element-wise op channel by
+  channel, so the features' channels were tied to the gate's single channel and the group could
+  not lose any. A 1-channel input broadcast over C > 1 channels constrains none of them:
+  ``cut_broadcast_inputs`` stops index propagation on that edge (both directions), so the
+  features are pruned as usual and the gate keeps its one channel (its input channels follow
+  the features).
 - **Flatten into a concatenation** (``cat([pool(a).flatten(1), pool(b).flatten(1)])`` into a
   classifier): torch-pruning infers a flatten's stride as (channels after) // (channels before),
   and after a concatenation "channels after" is the whole concatenation (16 -> 48 read as a
@@ -30,7 +37,7 @@ from contextlib import contextmanager
 
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency import index_mapping, shape_infer
 
 _OP = tp.ops.OPTYPE
 #: node types a channel passes through unchanged (the walk from a layer to a split and on to the join)
@@ -149,6 +156,42 @@ def guard_groups(dg, state: ReshapeState) -> None:
 def reached_unmapped(group) -> bool:
     """True when a pruning group reached a reshape torch-pruning cannot map (it stopped there)."""
     return bool(getattr(group, "edgekd_unmapped", None))
+
+
+def _no_channels(_idxs):
+    """Index mapping of an edge that carries no channel correspondence (a broadcast input)."""
+    return []
+
+
+def _channels(dg, node) -> int | None:
+    try:
+        return shape_infer.infer_out_channels_recursively(dg, node, [0])
+    except (IndexError, TypeError, ZeroDivisionError):
+        return None
+
+
+def cut_broadcast_inputs(dg) -> list:
+    """At each element-wise op with several inputs, the inputs of one channel broadcast over
+    inputs of more: their edges to the op stop index propagation (see the module docstring).
+    Returns the broadcast input nodes."""
+    cut = []
+    for node in list(dg.module2node.values()):
+        if not _is_join(node):
+            continue
+        widths = {inp: _channels(dg, inp) for inp in node.inputs}
+        if not any(w is not None and w > 1 for w in widths.values()):
+            continue
+        for inp, width in widths.items():
+            if width != 1:
+                continue
+            for dep in node.dependencies:
+                if dep.target is inp:
+                    dep.index_mapping[0] = _no_channels
+            for dep in inp.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _no_channels
+            cut.append(inp)
+    return cut
 
 
 def _is_join(node) -> bool:

@@ -29,7 +29,14 @@ from edgekd.errors import ModelError
 from edgekd.models.adapter import LogitsAdapter
 from edgekd.prune.attention import SplitHeadAttention, split_attention_heads
 from edgekd.prune.config import PruneConfig
-from edgekd.prune.graph_rules import ReshapeState, chunk_gates, guard_groups, reached_unmapped, reshape_rule
+from edgekd.prune.graph_rules import (
+    ReshapeState,
+    chunk_gates,
+    cut_broadcast_inputs,
+    guard_groups,
+    reached_unmapped,
+    reshape_rule,
+)
 from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
 from edgekd.prune.safety import (
@@ -170,10 +177,13 @@ class EdgePruner(tp.pruner.BasePruner):
             super().__init__(*args, **kwargs)
         self.DG.edgekd_owners = owners.owners
         guard_groups(self.DG, self.reshapes)
+        # a 1-channel gate broadcast over the features leaves their channels free
+        broadcast = cut_broadcast_inputs(self.DG)
         gates = chunk_gates(self.DG)
         if gates:
             self.chunk_gates = gates
             self.out_channel_groups.update(gates)
+        if gates or broadcast:
             self.initial_total_channels = self._count_channels()
 
     def _count_channels(self) -> int:
