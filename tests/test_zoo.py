@@ -46,8 +46,6 @@ KNOWN: dict[tuple[str, str], str] = {
     "shapes cannot be multiplied (2x16 and 29x32): LevitAttentionSubsample's reshape/slicing); q/k/v not by heads",
     ("prune", "tv_shufflenet_v2"): "7 layers kept whole: torch-pruning scoring fails on chunk + cat + channel "
     "shuffle (IndexError: index 16 is out of bounds for dimension 0 with size 16)",
-    ("prune", "split_sizes"): "3 layers kept whole: torch.split with stored int sizes: torch-pruning scoring fails "
-    "(IndexError: index 8 is out of bounds for dimension 0 with size 8); split sizes are not updated",
     ("prune", "shuffle_groups"): "4 layers kept whole: a channel shuffle (view to 5-D, transpose, view back) "
     "reorders the channels and torch-pruning cannot follow a reshape of more than 4 dimensions",
 }

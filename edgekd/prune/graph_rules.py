@@ -21,6 +21,17 @@
   ``cut_broadcast_inputs`` stops index propagation on that edge (both directions), so the
   features are pruned as usual and the gate keeps its one channel (its input channels follow
   the features).
+- **Split outputs in order** (``part, rest = torch.split(x, [8, 24], 1)`` where ``rest`` is used
+  first in the traced graph): torch-pruning gives the i-th section's offsets to the i-th output
+  node *in the order the graph was walked*, so ``self.conv(part)`` got ``rest``'s 24 channels
+  (``IndexError: index 8 is out of bounds for dimension 0 with size 8`` while scoring).
+  ``order_split_outputs`` sorts each split's output nodes by the section they read (the
+  ``output_nr`` of their autograd edge) before any index mapping is built.
+- **Split sizes fixed in the code** (``torch.split(x, self.sizes, 1)``, FasterNet's partial
+  convolution): the sizes are numbers the forward passes again after pruning, so the width of
+  the split tensor cannot change. Such a split (``torch.split``/``Tensor.split``, not ``chunk``,
+  on the channel axis) is a stop like an unmapped reshape: the groups reaching it keep their
+  width with that reason, everything else is pruned (``stop_fixed_splits``).
 - **Flatten into a concatenation** (``cat([pool(a).flatten(1), pool(b).flatten(1)])`` into a
   classifier): torch-pruning infers a flatten's stride as (channels after) // (channels before),
   and after a concatenation "channels after" is the whole concatenation (16 -> 48 read as a
@@ -62,29 +73,48 @@ class _Unmapped:
     """The index mapping of every edge at a reshape torch-pruning cannot map: no channel crosses it
     (the group stops there) and the reshape is noted as reached, so the group is kept whole."""
 
-    def __init__(self, node, state: ReshapeState) -> None:
-        self.node, self.state = node, state
+    def __init__(self, node, state: ReshapeState, then=None) -> None:
+        self.node, self.state, self.then = node, state, then
 
     def __call__(self, idxs):
+        if self.then is not None:  # a concatenation's offsets first: only the indices that reach this edge
+            idxs = self.then(idxs)
         if len(idxs):
             self.state.reached.add(self.node)
         return []
 
 
+#: why a group stops at a channel shuffle (a reshape of more than 4 dimensions)
+SHUFFLE_REASON = ("a channel shuffle (view to 5-D, transpose, view back) reorders these channels and "
+                  "torch-pruning cannot follow a reshape of more than 4 dimensions")
+
+
 class ReshapeState:
-    """Per dependency graph: the reshapes left unmapped, and those the group being built reached."""
+    """Per dependency graph: the nodes no channel index crosses (reshapes left unmapped, splits
+    with sizes fixed in the code), why, and those the group being built reached."""
 
     def __init__(self) -> None:
         self.unmapped: set = set()
         self.reached: set = set()
+        self.why: dict = {}  # node -> why no index crosses it
+        self.by_design: set = set()  # nodes that keep their groups whole by design (not a failure)
 
-    def stop_at(self, node) -> None:
+    def stop_at(self, node, why: str = SHUFFLE_REASON, by_design: bool = False) -> None:
         if node in self.unmapped:
             return
         self.unmapped.add(node)
-        stop = _Unmapped(node, self)
+        self.why[node] = why
+        if by_design:
+            self.by_design.add(node)
+        self.restop(node)
+
+    def restop(self, node) -> None:
+        """(Re)install the stop on every edge of ``node`` (torch-pruning rewrites split edges each update)."""
         for dep in _reshape_edges(node):
-            dep.index_mapping[0] = stop
+            first, then = dep.index_mapping
+            if isinstance(first, _Unmapped) and then is None:
+                continue  # installed, and no new concatenation mapping since
+            dep.index_mapping[0], dep.index_mapping[1] = _Unmapped(node, self, then), None
 
 
 @contextmanager
@@ -111,11 +141,83 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             _fix_flatten(node, sizes[2] * sizes[3])
         return None
 
+    update_all = index_mapping.update_index_mapping
+
+    def update_ordered(graph) -> None:
+        order_split_outputs(graph)
+        update_all(graph)
+        for node in state.unmapped:
+            state.restop(node)
+
     index_mapping.update_reshape_index_mapping = guarded
+    index_mapping.update_index_mapping = update_ordered
     try:
         yield state
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_index_mapping = update_all
+
+
+def _section_of(consumer, split) -> int | None:
+    """Which output of ``split``'s autograd node ``consumer`` reads (its edge's ``output_nr``)."""
+    grad_fn = getattr(consumer, "grad_fn", None)
+    found = [nr for fn, nr in getattr(grad_fn, "next_functions", ()) if fn is not None and fn is split.grad_fn]
+    return min(found) if found else None
+
+
+def order_split_outputs(dg) -> None:
+    """Sort every split's output nodes by the section each reads (see the module docstring); a
+    split whose consumers cannot all be placed is left as torch-pruning built it."""
+    for node in dg.module2node.values():
+        if node.type != _OP.SPLIT or len(node.outputs) < 2:
+            continue
+        sections = [_section_of(out, node) for out in node.outputs]
+        if None in sections or sections == sorted(sections):
+            continue
+        order = sorted(range(len(sections)), key=sections.__getitem__)
+        node.outputs[:] = [node.outputs[i] for i in order]
+        for cat in dg.module2node.values():  # concatenation sizes read the split's sections by position
+            if cat.type == _OP.CONCAT and node in cat.inputs:
+                cat.module.concat_sizes = None
+
+
+#: functions whose split sizes are numbers given by the forward (``chunk`` recomputes them)
+_FIXED_SPLITS = {"split", "split_with_sizes"}
+
+
+def _channel_split_sizes(node) -> list[int] | None:
+    """The section sizes of a split on torch-pruning's channel axis (dim 1), else None."""
+    grad_fn = node.grad_fn
+    sizes = _input_sizes(node)
+    dim = getattr(grad_fn, "_saved_dim", None)
+    if sizes is None or not isinstance(dim, int) or dim % len(sizes) != 1:
+        return None
+    split_sizes = getattr(grad_fn, "_saved_split_sizes", None)
+    if split_sizes is not None:
+        return [int(v) for v in split_sizes]
+    size = getattr(grad_fn, "_saved_split_size", None)
+    if size is None:
+        return None
+    total, size = sizes[1], int(size)
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def stop_fixed_splits(dg, state: ReshapeState, funcs: dict, describe) -> list:
+    """Stop index propagation at each channel split whose sizes the forward passes as numbers
+    (``funcs``: autograd node -> the torch function that made it, from ``OpOwners``); the groups
+    reaching it keep their width by design. ``describe(node)`` names the block running it."""
+    stopped = []
+    for node in dg.module2node.values():
+        if node.type != _OP.SPLIT or funcs.get(node.grad_fn) not in _FIXED_SPLITS:
+            continue
+        sizes = _channel_split_sizes(node)
+        if sizes is None:
+            continue
+        state.stop_at(node, by_design=True, why=(
+            f"{describe(node)} splits these channels into sections of {sizes} given as numbers in the "
+            "forward, so their width stays (pruning it would break the split; the other layers are pruned)"))
+        stopped.append(node)
+    return stopped
 
 
 def _reshape_edges(node) -> Iterator:
@@ -156,6 +258,13 @@ def guard_groups(dg, state: ReshapeState) -> None:
 def reached_unmapped(group) -> bool:
     """True when a pruning group reached a reshape torch-pruning cannot map (it stopped there)."""
     return bool(getattr(group, "edgekd_unmapped", None))
+
+
+def stop_reasons(group, state: ReshapeState) -> tuple[str, bool]:
+    """Why a group that reached stops is kept whole, and whether every stop is by design."""
+    nodes = sorted(getattr(group, "edgekd_unmapped", ()), key=lambda n: str(n))
+    reasons = list(dict.fromkeys(state.why.get(n, SHUFFLE_REASON) for n in nodes))
+    return "; ".join(reasons), bool(nodes) and all(n in state.by_design for n in nodes)
 
 
 def _no_channels(_idxs):

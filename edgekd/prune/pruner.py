@@ -36,6 +36,8 @@ from edgekd.prune.graph_rules import (
     guard_groups,
     reached_unmapped,
     reshape_rule,
+    stop_fixed_splits,
+    stop_reasons,
 )
 from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
@@ -46,6 +48,7 @@ from edgekd.prune.safety import (
     describe_failure,
     module_names,
     out_layers,
+    owner_text,
     train_mode_forward,
     train_outputs_differ,
 )
@@ -177,6 +180,8 @@ class EdgePruner(tp.pruner.BasePruner):
             super().__init__(*args, **kwargs)
         self.DG.edgekd_owners = owners.owners
         guard_groups(self.DG, self.reshapes)
+        # a split whose section sizes the forward passes as numbers keeps the width of what it splits
+        stop_fixed_splits(self.DG, self.reshapes, owners.funcs, lambda node: _op_text(node, owners.owners, model))
         # a 1-channel gate broadcast over the features leaves their channels free
         broadcast = cut_broadcast_inputs(self.DG)
         gates = chunk_gates(self.DG)
@@ -217,11 +222,9 @@ class EdgePruner(tp.pruner.BasePruner):
         """Score a group; a group torch-pruning cannot map (an IndexError from a split with stored
         sizes, a channel shuffle) is recorded and kept whole (``None`` skips it)."""
         if reached_unmapped(group):
-            self.failures.append(describe_failure(
-                group, self.model, self.DG, "index mapping",
-                "a channel shuffle (view to 5-D, transpose, view back) reorders these channels and "
-                "torch-pruning cannot follow a reshape of more than 4 dimensions",
-                root=group[0].dep.target.module))
+            why, by_design = stop_reasons(group, self.reshapes)
+            self.failures.append(describe_failure(group, self.model, self.DG, "index mapping", why,
+                                                  root=group[0].dep.target.module, by_design=by_design))
             return None
         try:
             return self.importance(group)
@@ -229,6 +232,12 @@ class EdgePruner(tp.pruner.BasePruner):
             self.failures.append(describe_failure(group, self.model, self.DG, "scoring", exc,
                                                   root=group[0].dep.target.module))
             return None
+
+
+def _op_text(node, owners: dict, model: nn.Module) -> str:
+    """``torch.split in block1.spatial (PartialConv.forward)`` for a traced functional node."""
+    owner = owners.get(node.grad_fn)
+    return f"torch.split in {owner_text(owner, model)}" if owner is not None else "torch.split"
 
 
 class GroupBroke(Exception):

@@ -170,6 +170,7 @@ class OpOwners(TorchFunctionMode):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.owners: dict[Any, tuple[str, nn.Module]] = {}
+        self.funcs: dict[Any, str] = {}  # grad_fn -> name of the torch function that made it ("split", "chunk")
         self._stack: list[tuple[str, nn.Module]] = []
         self._model = model
         self._handles: list = []
@@ -198,6 +199,9 @@ class OpOwners(TorchFunctionMode):
                 grad_fn = tensor.grad_fn
                 if grad_fn is not None and grad_fn not in self.owners:
                     self.owners[grad_fn] = self._stack[-1]
+        for tensor in tensors_of(out):
+            if tensor.grad_fn is not None and tensor.grad_fn not in self.funcs:
+                self.funcs[tensor.grad_fn] = getattr(func, "__name__", "")
         return out
 
 
@@ -275,14 +279,17 @@ class GroupFailure:
     operation: str  # "scoring" or "pruning"
     ops: str  # index-remapping ops in the group ("torch.split/chunk in block1.spatial")
     cause: str
+    by_design: bool = False  # kept whole because the model's code fixes the width, not because torch-pruning failed
 
     def reason(self) -> str:
+        if self.by_design:  # the cause names the operation that fixes the width
+            return f"kept at full width by design: {self.cause}"
         coupled = f"coupled to {self.ops}" if self.ops else f"its group (rooted at {self.root}) failed"
         return f"{coupled}: torch-pruning {self.operation} failed ({self.cause})"
 
 
 def describe_failure(group, model: nn.Module, dg, operation: str, exc_or_text: BaseException | str,
-                     root: nn.Module | None = None) -> GroupFailure:
+                     root: nn.Module | None = None, by_design: bool = False) -> GroupFailure:
     names = module_names(model)
     layers = out_layers(group, names, dg) if group is not None else []
     root_name = names.get(root, "") if root is not None else ""
@@ -294,7 +301,8 @@ def describe_failure(group, model: nn.Module, dg, operation: str, exc_or_text: B
     else:
         cause = exc_or_text
     ops = describe_ops(group, names, getattr(dg, "edgekd_owners", None), model) if group is not None else ""
-    return GroupFailure(root=root_name, layers=layers, operation=operation, ops=ops, cause=cause)
+    return GroupFailure(root=root_name, layers=layers, operation=operation, ops=ops, cause=cause,
+                        by_design=by_design)
 
 
 Check = Callable[[nn.Module], str | None]
