@@ -483,9 +483,13 @@ def test_split_with_stored_sizes_keeps_its_group_and_prunes_the_rest(images):
 
 def test_channel_shuffle_prunes_the_branches_and_keeps_the_shuffled_stream(images):
     model = _ready(ShuffleNet(), images)
-    _, before, after, rows = _prune(model, images)
+    plan, before, after, rows = _prune(model, images)
     assert after["branches.0.0"]["width"] == 8 and after["branches.1.0"]["width"] == 8
+    assert after["branches.0.3"]["width"] == 8  # the depthwise conv follows its branch
     assert "stem.0" in rows and "reshape/view" in rows["stem.0"]["reason"]
+    # a shuffled stream keeping its width is a choice with its reason, not a group that failed
+    assert rows["stem.0"]["reason"].startswith("kept at full width by design: a channel shuffle")
+    assert all(f.by_design for f in plan.failures) and not any("failed" in r["reason"] for r in rows.values())
 
 
 
@@ -556,8 +560,9 @@ def test_torchvision_shufflenet_v2_prunes_its_branches_and_keeps_the_shuffled_st
         assert after[f"{block}.branch2.5"]["width"] == inner  # feeds the concatenation and the shuffle
         reason = rows[f"{block}.branch2.5"]["reason"]
         assert "channel shuffle" in reason and "reshape/view" in reason
+        assert reason.startswith("kept at full width by design") and "failed" not in reason, reason
     assert all(row["reason"] for row in rows.values())
-    assert {f.operation for f in plan.failures} == {"index mapping"}
+    assert {f.operation for f in plan.failures} == {"index mapping"} and all(f.by_design for f in plan.failures)
     assert after["conv5.0"]["width"] == 64  # the last conv is pruned as usual
 
 

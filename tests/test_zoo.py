@@ -44,10 +44,8 @@ PARITY_SAMPLES = 64
 KNOWN: dict[tuple[str, str], str] = {
     ("prune", "hf_levit"): "14 layers kept whole: embedding_layer_4 group breaks the forward (mat1 and mat2 "
     "shapes cannot be multiplied (2x16 and 29x32): LevitAttentionSubsample's reshape/slicing); q/k/v not by heads",
-    ("prune", "tv_shufflenet_v2"): "7 layers kept whole: torch-pruning scoring fails on chunk + cat + channel "
-    "shuffle (IndexError: index 16 is out of bounds for dimension 0 with size 16)",
-    ("prune", "shuffle_groups"): "4 layers kept whole: a channel shuffle (view to 5-D, transpose, view back) "
-    "reorders the channels and torch-pruning cannot follow a reshape of more than 4 dimensions",
+    ("prune", "shuffle_groups"): "66% of the parameters kept: gconv1 and dw (4 layers) keep their width by design "
+    "because channels are not mapped through the channel shuffle between them (view to 5-D, transpose, view back)",
 }
 
 #: ONNX exports that take 8-30 s each here (many graph nodes: MobileNets, MobileViT, LeViT, Swin,

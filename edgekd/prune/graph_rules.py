@@ -84,9 +84,36 @@ class _Unmapped:
         return []
 
 
-#: why a group stops at a channel shuffle (a reshape of more than 4 dimensions)
-SHUFFLE_REASON = ("a channel shuffle (view to 5-D, transpose, view back) reorders these channels and "
-                  "torch-pruning cannot follow a reshape of more than 4 dimensions")
+#: why a group stops at a reshape of more than 4 dimensions that is not a channel shuffle
+RESHAPE_REASON = "torch-pruning cannot follow a reshape of more than 4 dimensions through these channels"
+SHUFFLE_REASON = RESHAPE_REASON
+#: a channel shuffle's streams keep their width (its groups would have to lose the same positions
+#: in every shuffled group, which torch-pruning's index mapping cannot express through the 5-D view)
+SHUFFLE_DESIGN = ("a channel shuffle (view to 5-D, transpose, view back) interleaves these channels across "
+                  "its groups: the layers whose channels pass through it keep their width (channels are not "
+                  "mapped through the 5-D view), the others are pruned")
+
+
+def _is_channel_shuffle(node) -> bool:
+    """``x.view(b, g, c // g, h, w).transpose(1, 2)[.contiguous()].view(b, -1, h, w)``: this node is the
+    view back, fed (through transpose/permute and copies) by a view of a 4-D tensor."""
+    sizes = _input_sizes(node)
+    if sizes is None or len(sizes) != 5:
+        return False
+    current, transposed = node, False
+    for _ in range(4):
+        if len(current.inputs) != 1:
+            return False
+        current = current.inputs[0]
+        name = current.grad_fn.name() if hasattr(current.grad_fn, "name") else ""
+        if current.type == _OP.RESHAPE:
+            before = _input_sizes(current)
+            return transposed and before is not None and len(before) == 4
+        if "Transpose" in name or "Permute" in name:
+            transposed = True
+        elif current.type != _OP.ELEMENTWISE:
+            return False
+    return False
 
 
 class ReshapeState:
@@ -130,7 +157,10 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             return None if node in state.unmapped else original(graph, node)
         sizes = _input_sizes(node)
         if sizes is not None and len(sizes) > 4:
-            state.stop_at(node)
+            if _is_channel_shuffle(node):
+                state.stop_at(node, SHUFFLE_DESIGN, by_design=True)
+            else:
+                state.stop_at(node, RESHAPE_REASON)
             return None
         try:
             original(graph, node)

@@ -283,7 +283,7 @@ class GroupFailure:
 
     def reason(self) -> str:
         if self.by_design:  # the cause names the operation that fixes the width
-            return f"kept at full width by design: {self.cause}"
+            return f"kept at full width by design: {self.cause}" + (f" (through {self.ops})" if self.ops else "")
         coupled = f"coupled to {self.ops}" if self.ops else f"its group (rooted at {self.root}) failed"
         return f"{coupled}: torch-pruning {self.operation} failed ({self.cause})"
 
