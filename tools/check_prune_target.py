@@ -75,7 +75,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="edgekd-target-") as tmp:
             out = Path(tmp) / "run"
             run_quickstart(out, prune, args)
-            prune_info = json.loads((out / "stages" / "prune" / "prune.json").read_text())
+            prune_info = json.loads((out / "stages" / "0-prune" / "prune.json").read_text())  # stage 0 of the recipe
             p50, speedup = student_timing(out, args)
         found = prune_info.get("reached", "")
         if kind == "latency":

@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgekd.report.schema import stage_data_of  # noqa: E402
 from tests.zoo_models import ZOO, ZooModel  # noqa: E402
 
 #: the recipe's stages, in run order, as the manifest names them ("1-prune", ...)
@@ -131,8 +132,7 @@ def read_run(result: ZooResult, run_dir: Path) -> None:
     trained = [row for row in ledger if row.get("stage") in ("distill", "finetune")]
     if trained:
         result.student_top1 = trained[-1].get("val_accuracy")
-    data = manifest.get("report_data") or {}
-    prune = data.get("prune") or {}
+    prune = (stage_data_of(manifest, "prune") or [{}])[-1] or {}
     result.after_prune_top1 = prune.get("val_accuracy_after_prune")
     result.params_reduction = prune.get("params_reduction_vs_teacher")
     result.macs_reduction = prune.get("macs_reduction_vs_teacher")
@@ -145,7 +145,7 @@ def read_run(result: ZooResult, run_dir: Path) -> None:
         info = artifact.get("info") or {}
         why = _first_line(info.get("error")) or ("parity" if (info.get("parity") or {}).get("passed") is False else "")
         result.parity[str(fmt)] = "ok" if status == "ok" else f"{status}" + (f" ({why})" if why else "")
-    quantize = data.get("quantize") or {}
+    quantize = (stage_data_of(manifest, "quantize") or [{}])[-1] or {}
     result.int8 = _int8_decision(quantize)
     if report is not None:
         deployed = "student-int8" if result.int8 and result.int8.startswith("shipped") else "student"

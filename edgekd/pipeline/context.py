@@ -64,6 +64,9 @@ class LedgerRow:
     val_accuracy: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     test_accuracy: float | None = None
+    #: the recipe position of the stage that wrote the row ("teacher", "2-prune"); the runner fills it,
+    #: so a recipe that prunes twice tells its two "prune" rows apart (None in manifests before it)
+    key: str | None = None
 
 
 @dataclass
@@ -91,10 +94,18 @@ class RunContext:
     resume: bool = False
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     ledger: list[LedgerRow] = field(default_factory=list)
-    #: per-stage JSON-able data for the report (prune channel tables, quantize candidates, ...)
+    #: JSON-able data for the report (prune channel tables, quantize candidates, ...) that a stage files
+    #: under its own name: ``ctx.report_data["prune"] = ...``. Inside a run this holds only the running
+    #: stage's data: the runner empties it when a stage starts and files what the stage put here under
+    #: the stage's position (``stage_report_entries``), so two "prune" stages never share an entry.
     report_data: dict[str, Any] = field(default_factory=dict)
     #: files ``run`` wrote for the current stage; the runner hashes them into the manifest
     stage_outputs: list[Path] = field(default_factory=list)
+    #: the recipe position of the stage the runner is running ("3-distill": index in ``recipe.stages``
+    #: and recipe key, as in the manifest); None when a stage is called outside a run (tests, tools)
+    stage_key: str | None = None
+    #: that stage's name ("distill"): what it passes to ``stage_dir`` and files ``report_data`` under
+    stage_name: str | None = None
 
     def add_artifact(self, artifact: Artifact) -> None:
         self.artifacts[artifact.key] = artifact
@@ -110,8 +121,42 @@ class RunContext:
         trained = any(row.stage in ("distill", "finetune") for row in self.ledger)
         return self.recipe.student.spec() is None or trained
 
+    def enter_stage(self, key: str, name: str) -> None:
+        """The runner starts the stage at recipe position ``key`` (e.g. "3-distill") named ``name``: its
+        ``stage_dir``, ``report_data`` and ``stage_outputs`` become that position's own, empty."""
+        self.stage_key, self.stage_name = key, name
+        self.report_data = {}
+        self.stage_outputs = []
+
+    def leave_stage(self) -> None:
+        """Back to no running stage (``stage_dir(name)`` is ``stages/<name>`` again)."""
+        self.stage_key = self.stage_name = None
+        self.report_data = {}
+
+    def stage_report_entries(self) -> dict[str, Any]:
+        """What the running stage filed in ``report_data``, keyed by its position: the entry under the
+        stage's own name as ``"<stage_key>"`` (``{"3-distill": {...}}``), any other name it filed as
+        ``"<stage_key>/<name>"`` (``"3-distill/transfer"``). Outside a run: ``report_data`` as it is."""
+        if self.stage_key is None:
+            return dict(self.report_data)
+        return {self.stage_key if name == self.stage_name else f"{self.stage_key}/{name}": data
+                for name, data in self.report_data.items()}
+
     def stage_dir(self, name: str) -> Path:
-        """A per-stage working directory inside the run (checkpoints, logs)."""
-        path = self.run_dir.path / "stages" / name
+        """A per-stage working directory inside the run (checkpoints, logs), created on first use.
+
+        Inside a run the directory belongs to the running stage's recipe position: the stage named
+        ``name`` at position "3-distill" works in ``stages/3-distill/``, so a recipe with two distill
+        stages keeps two sets of checkpoints and a resumed second one never reads the first's. Another
+        name asked for by the same stage gets a folder inside it (``stages/3-distill/<name>/``).
+        Outside a run (a stage called directly) it is ``stages/<name>/``.
+        """
+        root = self.run_dir.path / "stages"
+        if self.stage_key is None:
+            path = root / name
+        elif name == self.stage_name:
+            path = root / self.stage_key
+        else:
+            path = root / self.stage_key / name
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -4,10 +4,13 @@ Layout::
 
     runs/<name>/<timestamp>/
       recipe.yaml          the resolved recipe (after --set overrides)
-      manifest.json        recipe hash, seed, versions, machine, each stage's status and artifact hashes
+      manifest.json        recipe hash, seed, versions, machine, each stage's status and artifact hashes,
+                           ledger rows and report data keyed by stage position ("3-distill")
       run.lock             held while a process works here
       teacher/ student/    model checkpoints (portable format)
-      stages/<i>-<key>/    each stage's working files (training checkpoints, metrics.csv)
+      stages/<i>-<key>/    each recipe stage entry's working files (training checkpoints, metrics.csv),
+                           by its position: prune, distill, prune, distill work in 0-prune/ 1-distill/
+                           2-prune/ 3-distill/ (``RunContext.stage_dir``), never in one another's
       artifacts/           deployable files (.onnx, .ort, .pte)
       report.json report.md report.html
 """

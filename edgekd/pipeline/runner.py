@@ -3,6 +3,13 @@
 After each step the manifest records its status, duration and output hashes, and the student
 is saved in the portable format, so ``--resume`` restarts after the last finished step and a
 failing step leaves everything before it in place.
+
+Each step is known by its position key: "teacher", "<i>-<name>" for the i-th entry of
+``recipe.stages`` ("0-prune", "3-distill") and "benchmark". A stage works in ``stages/<key>/``
+and what it files in ``ctx.report_data`` is kept in the manifest's ``report_data`` under its key
+(see ``RunContext.stage_report_entries``), so a recipe that prunes and distills twice keeps both
+prunes' files, report data and ledger rows, and a resumed second distill continues its own
+checkpoint, never the first's.
 """
 
 from __future__ import annotations
@@ -75,13 +82,31 @@ def _new_manifest(recipe: Recipe, steps: list[tuple[str, Stage | None]]) -> dict
         "created": now_iso(),
         "versions": versions,
         "machine": machine,
-        "stages": [{"index": i, "key": key, "status": "pending", "started": None, "duration_s": None,
-                    "error": None, "outputs": {}} for i, (key, _) in enumerate(steps)],
+        "stages": [{"index": i, "key": key, "name": _step_name(stage), "status": "pending", "started": None,
+                    "duration_s": None, "error": None, "outputs": {}} for i, (key, stage) in enumerate(steps)],
         "artifacts": [],
         "ledger": [],
+        #: each step's report data by position key ("0-prune", "0-prune/<other name>", "benchmark")
         "report_data": {},
         "teacher": {},
     }
+
+
+def _step_name(stage: Stage | None) -> str:
+    """The stage's name ("prune") for the manifest, so readers need not parse it out of the key."""
+    return "teacher" if stage is None else stage.name
+
+
+def _migrate_report_data(manifest: dict[str, Any]) -> None:
+    """A manifest written before report data was keyed by position holds it by stage name ("prune"):
+    file each such entry under the position of the one finished stage of that name (resuming it)."""
+    data = manifest["report_data"]
+    keys = {s["key"] for s in manifest["stages"]}
+    for name in [k for k in data if k not in keys and "/" not in k]:
+        done = [s["key"] for s in manifest["stages"]
+                if s["status"] == "done" and s.get("name", s["key"].split("-", 1)[-1]) == name]
+        if len(done) == 1 and done[0] not in data:
+            data[done[0]] = data.pop(name)
 
 
 def _add_test_accuracy(ctx: RunContext, rows: list[LedgerRow]) -> None:
@@ -107,7 +132,6 @@ class Runner:
             root = self.run_dir.path
             self.manifest["artifacts"] = [a.to_json(root) for a in ctx.artifacts.values()]
             self.manifest["ledger"] = [asdict(row) for row in ctx.ledger]
-            self.manifest["report_data"] = ctx.report_data
         if self.is_main:
             self.run_dir.write_manifest(self.manifest)
 
@@ -153,6 +177,9 @@ class Runner:
         if existing.get("recipe_hash") != recipe_hash(self.recipe):
             raise ConfigError(f"the recipe differs from the one {self.run_dir.path} was started with",
                               hint="--resume needs the same recipe and --set values; start a new run otherwise")
+        for record, (_, stage) in zip(existing["stages"], steps, strict=False):
+            record.setdefault("name", _step_name(stage))
+        _migrate_report_data(existing)
         return existing
 
     def _run_teacher(self, data, device) -> RunContext:
@@ -200,14 +227,14 @@ class Runner:
         return spec.build(data.num_classes, data.input_shape)
 
     def _restore(self, ctx: RunContext) -> None:
-        """On resume: the artifacts, ledger, report data and student of the finished steps."""
+        """On resume: the artifacts, ledger and student of the finished steps (their report data stays
+        in the manifest, filed by position)."""
         root = self.run_dir.path
         ctx.artifacts = {a.key: a for a in (Artifact.from_json(d, root) for d in self.manifest["artifacts"])}
         ctx.ledger = [LedgerRow(**row) for row in self.manifest["ledger"]]
-        ctx.report_data = dict(self.manifest["report_data"])
         if not ctx.ledger:
             t = self.manifest["teacher"]
-            ctx.ledger.append(LedgerRow(stage="teacher", params=t["params"], macs=t["macs"],
+            ctx.ledger.append(LedgerRow(stage="teacher", params=t["params"], macs=t["macs"], key="teacher",
                                         val_accuracy=t["val_accuracy"], test_accuracy=t.get("test_accuracy")))
         done = [s["key"] for s in self.manifest["stages"][1:] if s["status"] == "done"]
         for key in reversed(done):
@@ -226,16 +253,24 @@ class Runner:
         self._save(ctx)
         self.console.print(f"[bold]▶ {key}[/]" + (" (resuming)" if ctx.resume else ""))
         started = time.perf_counter()
-        ctx.stage_outputs = []
+        # rows an earlier, failed attempt at this position left behind are replaced by this attempt's
+        ctx.ledger = [row for row in ctx.ledger if row.key != key]
         rows_before = len(ctx.ledger)
+        # the stage's working folder, report data and outputs are this position's own
+        ctx.enter_stage(key, stage.name)
         try:
-            if self.is_main or not stage.main_process_only:
-                stage.run(ctx)
-            if world_size() > 1 and stage.main_process_only:
-                broadcast_module_state(ctx.student)
-        except BaseException as exc:
-            self._fail(record, started, exc, ctx)
-            raise
+            try:
+                if self.is_main or not stage.main_process_only:
+                    stage.run(ctx)
+                if world_size() > 1 and stage.main_process_only:
+                    broadcast_module_state(ctx.student)
+            except BaseException as exc:
+                self._file_stage(ctx, key, rows_before)
+                self._fail(record, started, exc, ctx)
+                raise
+            self._file_stage(ctx, key, rows_before)
+        finally:
+            ctx.leave_stage()
         if self.is_main:
             _add_test_accuracy(ctx, ctx.ledger[rows_before:])
         student_file = self._student_path(key)
@@ -246,6 +281,16 @@ class Runner:
         record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
                       outputs=self._hashes([*ctx.stage_outputs, student_file]))
         self._save(ctx)
+
+    def _file_stage(self, ctx: RunContext, key: str, rows_before: int) -> None:
+        """Mark the stage's new ledger rows with its position and file its report data under it (replacing
+        what an earlier attempt at the same position filed)."""
+        for row in ctx.ledger[rows_before:]:
+            row.key = row.key or key
+        data = self.manifest["report_data"]
+        for stale in [k for k in data if k == key or k.startswith(f"{key}/")]:
+            del data[stale]
+        data.update(ctx.stage_report_entries())
 
     def _fail(self, record, started, exc: BaseException, ctx: RunContext | None = None) -> None:
         message = str(exc) if isinstance(exc, EdgekdError) else "".join(

@@ -21,7 +21,7 @@ from edgekd.bench.results import BenchmarkResult
 from edgekd.errors import ConfigError
 from edgekd.fileio import atomic_write_json, atomic_write_text
 from edgekd.report.gate import evaluate_gate
-from edgekd.report.schema import AccuracyDrop, Comparison, LedgerEntry, Report, StageStatus
+from edgekd.report.schema import AccuracyDrop, Comparison, LedgerEntry, Report, StageStatus, name_of_key
 
 MANIFEST_FILE = "manifest.json"
 BENCHMARK_FILE = "benchmark.json"
@@ -64,7 +64,7 @@ def _parity_text(artifacts: list[dict[str, Any]], role: str, precision: str) -> 
 
 
 def _ledger(manifest: dict[str, Any]) -> list[LedgerEntry]:
-    rows = [LedgerEntry(stage=r["stage"], params=r.get("params"), macs=r.get("macs"),
+    rows = [LedgerEntry(stage=r["stage"], key=r.get("key"), params=r.get("params"), macs=r.get("macs"),
                         val_accuracy=r.get("val_accuracy"), test_accuracy=r.get("test_accuracy"),
                         notes=r.get("notes") or {})
             for r in manifest.get("ledger", [])]
@@ -79,16 +79,19 @@ def _ledger(manifest: dict[str, Any]) -> list[LedgerEntry]:
     if exported is None:
         return rows
     # The export stage adds files, not a ledger row: show their parity as a row at the export's place
-    # in the run order (rows of other stages are matched to the manifest's stage keys "<i>-<name>").
+    # in the run order (rows of other stages are matched to the manifest's stages by their position key,
+    # or by name in runs from before rows carried one).
     ordered: list[LedgerEntry] = []
     pending = list(rows)
     for stage in manifest.get("stages", []):
-        name = stage["key"].split("-", 1)[-1]
+        key = stage["key"]
+        name = stage.get("name") or name_of_key(key)
         if name == "export":
             last = ordered[-1] if ordered else LedgerEntry(stage="teacher")
-            ordered.append(LedgerEntry(stage="export", params=last.params, macs=last.macs, parity=exported,
+            ordered.append(LedgerEntry(stage="export", key=key, params=last.params, macs=last.macs,
+                                       parity=exported,
                                        notes={"teacher_files": _parity_text(artifacts, "teacher", "fp32")}))
-        while pending and pending[0].stage == name:
+        while pending and (pending[0].key == key if pending[0].key is not None else pending[0].stage == name):
             ordered.append(pending.pop(0))
     return ordered + pending
 
@@ -177,7 +180,9 @@ def build_report(run_dir: Path) -> Report:
             raise ConfigError(f"{bench_path} does not match the benchmark schema: {exc.errors()[0]['msg']}",
                               hint="it was written by another edgekd version; rerun the benchmark") from exc
     machine = manifest.get("machine") or (bench.machine if bench else {})
-    stage_data = {k: v for k, v in (manifest.get("report_data") or {}).items() if k != "benchmark"}
+    # the benchmark's own data is the report's ``benchmark`` section; every other stage's, by position key
+    stage_data = {k: v for k, v in (manifest.get("report_data") or {}).items()
+                  if k != "benchmark" and not k.startswith("benchmark/")}
     report = Report(
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), run_dir=str(run_dir),
         name=manifest.get("name") or run_dir.name, created=manifest.get("created") or (bench.created if bench else None),
@@ -185,7 +190,7 @@ def build_report(run_dir: Path) -> Report:
         machine_summary=describe_machine(machine) if machine else "unknown machine",
         versions=manifest.get("versions") or machine.get("versions") or {}, data=manifest.get("data"),
         teacher=manifest.get("teacher") or {},
-        stages=[StageStatus(**{k: s.get(k) for k in ("index", "key", "status", "duration_s", "error")})
+        stages=[StageStatus(**{k: s.get(k) for k in ("index", "key", "name", "status", "duration_s", "error")})
                 for s in manifest.get("stages", [])],
         artifacts=manifest.get("artifacts", []), ledger=_ledger(manifest), benchmark=bench,
         comparisons=_comparisons(bench) if bench else [], accuracy_drops=_accuracy_drops(bench, manifest),

@@ -3,11 +3,14 @@ distillation epochs, quantize candidates and exported files (parity, XNNPACK del
 
 They read ``Report.stage_data`` (each stage's own report dict, as written to report.json), so a
 field a stage did not record renders as "—" and an older run still renders. A stage absent from
-the run gives no table.
+the run gives no table. Each stage entry of the recipe gets its own tables, titled with its
+position ("Distillation epochs (3-distill)"), so a recipe that prunes and distills twice shows
+both; a run from before position keys (data keyed "prune") renders untitled, as it did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from edgekd.report.schema import Report
@@ -22,9 +25,14 @@ def _pct(v: Any) -> str:
     return fmt_num(v if isinstance(v, (int, float)) else None, ".2f", "%")
 
 
-def prune_layers_table(report: Report) -> Table | None:
-    """Every pruned layer's output width before and after, and every layer left whole with its reason."""
-    prune = report.stage_data.get("prune")
+def _titled(title: str, key: str | None) -> str:
+    return title if key is None else f"{title} ({key})"
+
+
+def prune_layers_table(prune: Any, key: str | None = None) -> Table | None:
+    """Every pruned layer's output width before and after, and every layer left whole with its reason.
+
+    ``prune`` is one prune stage's report data; ``key`` its position ("0-prune"), shown in the title."""
     if not isinstance(prune, dict):
         return None
     reasons: dict[str, str] = {}
@@ -33,7 +41,7 @@ def prune_layers_table(report: Report) -> Table | None:
     for group in prune.get("groups_kept_whole") or []:
         for layer in group.get("layers") or []:
             reasons.setdefault(layer, group.get("reason", ""))
-    t = Table("Pruning: output channels per layer", ["layer", "type", "before", "after", "kept", "left whole because"],
+    t = Table(_titled("Pruning: output channels per layer", key), ["layer", "type", "before", "after", "kept", "left whole because"],
               caption=f"importance {prune.get('importance', '?')}, target {prune.get('target', '?')}, reached "
                       f"{prune.get('reached', '?')}; every prunable layer at full width is listed with its reason")
     seen = set()
@@ -48,13 +56,12 @@ def prune_layers_table(report: Report) -> Table | None:
     return t
 
 
-def prune_steps_table(report: Report) -> Table | None:
+def prune_steps_table(prune: Any, key: str | None = None) -> Table | None:
     """Accuracy after each step of an iterative prune and after its short recovery."""
-    prune = report.stage_data.get("prune")
     steps = prune.get("steps") if isinstance(prune, dict) else None
     if not steps:
         return None
-    t = Table("Pruning steps", ["step", "channel ratio", "params", "MACs / sample", "val top-1 after pruning",
+    t = Table(_titled("Pruning steps", key), ["step", "channel ratio", "params", "MACs / sample", "val top-1 after pruning",
                                 "recovery", "val top-1 after recovery"],
               caption="val split; BatchNorm statistics recalibrated after each step")
     for s in steps:
@@ -76,9 +83,8 @@ def _guard_text(event: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in event.items())
 
 
-def distill_history_table(report: Report) -> Table | None:
+def distill_history_table(distill: Any, key: str | None = None) -> Table | None:
     """One row per recovery epoch, and the divergence guard's interventions."""
-    distill = report.stage_data.get("distill")
     if not isinstance(distill, dict) or not distill.get("history"):
         return None
     start = distill.get("val_at_start")
@@ -87,7 +93,7 @@ def distill_history_table(report: Report) -> Table | None:
                f"(chosen on val)")
     if events:
         caption += "; divergence guard: " + "; ".join(_guard_text(e) for e in events)
-    t = Table("Distillation epochs", ["epoch", "lr", "train loss", "train top-1", "val loss", "val top-1"],
+    t = Table(_titled("Distillation epochs", key), ["epoch", "lr", "train loss", "train top-1", "val loss", "val top-1"],
               caption=caption)
     for h in distill["history"]:
         t.rows.append([str(h.get("epoch")), fmt_num(h.get("lr"), ".2g"), fmt_num(h.get("train_loss"), ".4f"),
@@ -95,13 +101,12 @@ def distill_history_table(report: Report) -> Table | None:
     return t
 
 
-def quantize_candidates_table(report: Report) -> Table | None:
+def quantize_candidates_table(quant: Any, key: str | None = None) -> Table | None:
     """Every INT8 candidate tried, its accuracy, measured latency and the decision."""
-    quant = report.stage_data.get("quantize")
     if not isinstance(quant, dict) or not quant.get("candidates"):
         return None
     fp32 = quant.get("fp32") or {}
-    t = Table("Quantization candidates", ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32",
+    t = Table(_titled("Quantization candidates", key), ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32",
                                           "size", "decision"],
               caption=f"timed on {quant.get('runtime', '?')}, {quant.get('threads', '?')} thread(s), batch "
                       f"{quant.get('batch_size', '?')}; FP32 {_pct(fp32.get('accuracy'))}, "
@@ -116,12 +121,11 @@ def quantize_candidates_table(report: Report) -> Table | None:
     return t
 
 
-def export_files_table(report: Report) -> Table | None:
+def export_files_table(export: Any, key: str | None = None) -> Table | None:
     """Each exported file: parity against PyTorch and, for .pte, the share delegated to XNNPACK."""
-    export = report.stage_data.get("export")
     if not isinstance(export, dict) or not export.get("artifacts"):
         return None
-    t = Table("Exported files", ["role", "format", "file", "status", "size", "max |Δ|", "cosine", "SQNR dB",
+    t = Table(_titled("Exported files", key), ["role", "format", "file", "status", "size", "max |Δ|", "cosine", "SQNR dB",
                                  "top-1 agree", "batches checked", "XNNPACK share"],
               caption=f"parity on {export.get('parity_samples', '?')} real samples against the PyTorch model; "
                       f"XNNPACK share: operators inside the delegate (below {LOW_DELEGATION:.0%} the rest run on "
@@ -139,8 +143,33 @@ def export_files_table(report: Report) -> Table | None:
     return t
 
 
+#: the tables of each stage name, from that stage's report data and position key
+MAKERS: dict[str, tuple[Callable[[Any, str | None], Table | None], ...]] = {
+    "prune": (prune_layers_table, prune_steps_table),
+    "distill": (distill_history_table,),
+    "export": (export_files_table,),
+    "quantize": (quantize_candidates_table,),
+}
+
+
 def stage_tables(report: Report) -> list[Table]:
-    """The stage-detail tables present in this report, in pipeline order."""
-    makers = (prune_layers_table, prune_steps_table, distill_history_table, export_files_table,
-              quantize_candidates_table)
-    return [t for t in (make(report) for make in makers) if t is not None]
+    """The stage-detail tables present in this report: each stage entry's, in run order.
+
+    An entry filed by position gets its key in the titles; one filed by bare name (a run from
+    before position keys) keeps the plain title and comes after, in pipeline order."""
+    by_position: list[tuple[int, Table]] = []
+    legacy: list[Table] = []
+    order = {s.key: i for i, s in enumerate(report.stages)}
+    for name, makers in MAKERS.items():
+        for key, data in report.stage_entries(name):
+            positioned = key != name
+            for make in makers:
+                table = make(data, key if positioned else None)
+                if table is None:
+                    continue
+                if positioned:
+                    by_position.append((order.get(key, len(order)), table))
+                else:
+                    legacy.append(table)
+    by_position.sort(key=lambda item: item[0])  # stable: a stage's own tables keep their order
+    return [t for _, t in by_position] + legacy
