@@ -380,6 +380,25 @@ class PooledBranches(nn.Module):
         return self.fc(torch.cat([a, b], dim=1))
 
 
+class ChannelsLastNet(nn.Module):
+    """Conv features viewed channels-last (B, H, W, C), subsampled by a spatial slice (LeViT's
+    ``view(b, h, w, c)[:, ::2, ::2]``), then read per position (tokens) and flattened."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, num_classes)
+        self.fc = nn.Linear(4 * 4 * 32, num_classes)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x)).permute(0, 2, 3, 1)[:, ::2, ::2]  # (B, 4, 4, C), channels last
+        b, h, w, c = y.shape
+        tokens = F.relu(self.mix(y.reshape(b, h * w, c)))
+        return self.fc(y.reshape(b, -1)) + self.head(tokens.mean(1))
+
+
 def grouped(num_classes=10, norm="bn"):
     return GroupedNet(num_classes, norm)
 
@@ -545,6 +564,24 @@ def test_pooled_branches_concatenated_into_fc_cut_the_matching_fc_columns(images
     expected = torch.cat([fc[:, local_kept], fc[:, [16 + c for c in wide_kept]]], 1)
     assert torch.equal(model.fc.weight.detach(), expected)
     assert set(rows) == {"fc"}
+
+
+def test_channels_last_slice_and_flatten_map_channels_one_to_one_and_per_position(images):
+    """A spatial slice of a channels-last tensor keeps every channel, and its flatten puts channel c
+    of position p at p * C + c: pruning conv 32 -> 16 keeps mix's columns of the kept channels and
+    fc's columns p * 32 + c (torch-pruning read axis 1 as channels: the slice halved the indices)."""
+    model = _ready(ChannelsLastNet(), images)
+    conv, mix, fc = (model.conv.weight.detach().flatten(1), model.mix.weight.detach().clone(),
+                     model.fc.weight.detach().clone())
+    stem = model.stem[0].weight.detach().flatten(1)
+    _, before, after, rows = _prune(model, images)
+    assert after["conv"]["width"] == 16 and model.mix.in_features == 16 and model.fc.in_features == 16 * 16
+    stem_kept = _rows_kept(model.stem[0].weight.detach().flatten(1), stem)
+    kept = _rows_kept(model.conv.weight.detach().flatten(1), conv.view(32, 16, 9)[:, stem_kept].flatten(1))
+    mix_kept = _rows_kept(model.mix.weight.detach(), mix[:, kept])
+    assert torch.equal(model.mix.weight.detach(), mix[mix_kept][:, kept])
+    assert torch.equal(model.fc.weight.detach(), fc[:, [p * 32 + c for p in range(16) for c in kept]])
+    assert "conv" not in rows and "mix" not in rows
 
 
 def test_torchvision_shufflenet_v2_prunes_its_branches_and_keeps_the_shuffled_streams(images):

@@ -42,8 +42,6 @@ PARITY_SAMPLES = 64
 
 #: (test, model) -> the failure seen today; each is xfail(strict=True) so a fix shows up as XPASS
 KNOWN: dict[tuple[str, str], str] = {
-    ("prune", "hf_levit"): "14 layers kept whole: embedding_layer_4 group breaks the forward (mat1 and mat2 "
-    "shapes cannot be multiplied (2x16 and 29x32): LevitAttentionSubsample's reshape/slicing); q/k/v not by heads",
     ("prune", "shuffle_groups"): "66% of the parameters kept: gconv1 and dw (4 layers) keep their width by design "
     "because channels are not mapped through the channel shuffle between them (view to 5-D, transpose, view back)",
 }

@@ -65,6 +65,8 @@ SHAPE_ATTRIBUTES = (
     "kdim", "vdim", "_qkv_same_embed_dim", "num_parameters", "num_embeddings", "embedding_dim",
     # Hugging Face attention (ViTSelfAttention and kin) after whole heads are pruned
     "num_attention_heads", "attention_head_size", "all_head_size",
+    # Hugging Face LeViT attention after whole heads are pruned (edgekd.prune.packed_heads)
+    "out_dim_keys_values", "out_dim_projection",
 )
 
 

@@ -39,6 +39,14 @@
   (C*H*W must equal the channels after, else no mapping) reads ``_saved_self_sizes`` too; here
   a 4-D input's stride is its H*W (``_fix_flatten``): 1 after global pooling (channels map one
   to one, and the concatenation's offsets place them in the classifier's input).
+- **Channels last** (``x.view(b, h, w, c)[:, ::2, ::2].reshape(b, -1, c)``, LeViT's subsampled
+  queries; token tensors ``(B, N, C)`` viewed as maps): torch-pruning takes axis 1 of every 4-D
+  tensor as the channel axis, so the spatial stride-2 slice on axis 1 was mapped as a slice of
+  channels (16 pruned channels reached the next Linear as 8) and a flatten was read as
+  channels-first. A 4-D tensor whose last axis has the channel count (and axis 1 another size)
+  is channels-last (``_channels_last``): a slice of another axis maps channels one to one, a
+  reshape that keeps the last axis at the channel count maps them one to one, and one that
+  flattens positions and channels together puts channel ``c`` at ``p * C + c``.
 """
 
 from __future__ import annotations
@@ -168,7 +176,11 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             state.stop_at(node)
             return None
         if sizes is not None and len(sizes) == 4:
-            _fix_flatten(node, sizes[2] * sizes[3])
+            channels = _channels_last(graph, node)
+            if channels is not None:
+                _fix_channels_last_reshape(graph, node, channels, sizes)
+            else:
+                _fix_flatten(node, sizes[2] * sizes[3])
         return None
 
     update_all = index_mapping.update_index_mapping
@@ -176,6 +188,7 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
     def update_ordered(graph) -> None:
         order_split_outputs(graph)
         update_all(graph)
+        fix_channels_last_slices(graph)
         for node in state.unmapped:
             state.restop(node)
 
@@ -268,6 +281,70 @@ def _fix_flatten(node, spatial: int) -> None:
                 dep.index_mapping[0] = None
             else:
                 mapping._stride = spatial
+
+
+def _channels_last(graph, node) -> int | None:
+    """The channel count C when ``node``'s 4-D input is channels-last (B, H, W, C): its last axis
+    is as wide as the layer feeding it and axis 1 is not; None otherwise (channels-first or unknown)."""
+    sizes = _input_sizes(node)
+    if sizes is None or len(sizes) != 4 or len(node.inputs) != 1:
+        return None
+    channels = _channels(graph, node.inputs[0])
+    return channels if channels and sizes[-1] == channels and sizes[1] != channels else None
+
+
+class _ChannelsLastFlatten:
+    """Index mapping of a channels-last flatten: channel ``c`` of C becomes features ``p * C + c``
+    for each of ``positions`` positions (``reverse``: feature ``f`` comes from channel ``f % C``)."""
+
+    def __init__(self, channels: int, positions: int, reverse: bool) -> None:
+        self.channels, self.positions, self.reverse = channels, positions, reverse
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        if self.reverse:
+            return list({_helpers._HybridIndex(idx=i.idx % self.channels, root_idx=i.root_idx) for i in idxs})
+        return [_helpers._HybridIndex(idx=p * self.channels + i.idx, root_idx=i.root_idx)
+                for i in idxs for p in range(self.positions)]
+
+
+def _fix_channels_last_reshape(graph, node, channels: int, sizes: tuple[int, ...]) -> None:
+    """A reshape of a channels-last (B, H, W, C) tensor (see the module docstring): one to one when
+    the layers after it read C features per position, ``_ChannelsLastFlatten`` when they read the
+    flattened H*W*C."""
+    after = None
+    for out in node.outputs:
+        after = shape_infer.infer_in_channels_recursively(graph, out, [0])
+        if after is not None:
+            break
+    positions = sizes[1] * sizes[2]
+    flatten = after is not None and after == positions * channels and positions > 1
+    inp = node.inputs[0]
+    for dep in node.dependencies:
+        if dep.target is inp:
+            dep.index_mapping[0] = _ChannelsLastFlatten(channels, positions, reverse=True) if flatten else None
+    for dep in inp.dependencies:
+        if dep.target is node:
+            dep.index_mapping[0] = _ChannelsLastFlatten(channels, positions, reverse=False) if flatten else None
+
+
+def fix_channels_last_slices(graph) -> list:
+    """A slice of a channels-last 4-D tensor along a spatial axis (LeViT's ``[:, ::2, ::2]``)
+    keeps every channel: its edges map channels one to one (torch-pruning mapped axis 1 as
+    channels). Returns the slice nodes changed."""
+    fixed = []
+    for node in graph.module2node.values():
+        if node.type != _OP.SLICE:
+            continue
+        dim = getattr(node.grad_fn, "_saved_dim", None)
+        channels = _channels_last(graph, node)
+        if channels is None or not isinstance(dim, int) or dim % 4 == 3:
+            continue
+        for dep in _reshape_edges(node):
+            dep.index_mapping[0] = None
+        fixed.append(node)
+    return fixed
 
 
 def guard_groups(dg, state: ReshapeState) -> None:

@@ -41,6 +41,7 @@ from edgekd.prune.graph_rules import (
 )
 from edgekd.prune.heads import HeadLayout, find_head_layouts
 from edgekd.prune.importance import build_importance
+from edgekd.prune.packed_heads import SINGLE_HEAD_REASON, find_packed_layouts
 from edgekd.prune.safety import (
     GroupFailure,
     OpOwners,
@@ -460,6 +461,8 @@ def build_plan(model: nn.Module, example: torch.Tensor, config: PruneConfig, *, 
         # SplitHeadAttention's qkv)
         local = [layout for layout in layouts if layout.local]
         layouts = [layout for layout in layouts if layout not in local]
+        # heads packed block by block in their projections (LeViT), proven by a trial
+        local += find_packed_layouts(model, one) if config.prune_heads else []
         whole = {id(m) for m in _resolve_all(model, [f.root for f in kept_whole], "layer")}
         local = [layout for layout in local if id(layout.projections[0]) not in whole]
         ignored += [proj for layout in local for proj in layout.projections]
@@ -533,6 +536,10 @@ def _static_reasons(plan: PruningPlan, classifier: str) -> dict[str, str]:
         reasons[name] = "ignored by recipe (prune.ignored_layers)"
     for attention in plan.initial_heads:
         reasons[names[attention.qkv]] = "attention q/k/v projection: pruned by whole heads only"
+    for layout in plan.fused_heads:
+        if layout.heads == 1:
+            for proj in layout.projections:
+                reasons[names[proj]] = SINGLE_HEAD_REASON.format(name=layout.name.removeprefix("model."))
     for failure in plan.failures:
         for layer in failure.layers:
             reasons.setdefault(layer, failure.reason())
