@@ -177,10 +177,16 @@ def test_pruned_timm_vit_heads_after_iterative_steps(batch):
 
 
 # -- Hugging Face Swin ------------------------------------------------------------------------
-def test_hf_swin_loses_whole_heads_and_their_position_biases(tmp_path):
+def _rows_kept(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """Which rows of ``original`` the rows of ``pruned`` are (pruning copies weights, never changes them)."""
+    return [int(torch.cdist(row[None], original).argmin()) for row in pruned]
+
+
+def test_hf_swin_loses_whole_heads_and_half_its_embedding_width(tmp_path):
     """Swin's heads (2 and 4 per stage) go to 1 and 2 with their columns of the relative position
-    bias table; the MLP hidden width halves; the residual stream is kept whole for a stated design
-    reason (6-D window views), never reported as a failed group."""
+    bias table; the MLP hidden width halves; the residual stream (channels last through 6-D window
+    views, patch merging's stride-2 slices and concatenation on the last axis) halves too, and
+    patch merging keeps the LayerNorm/reduction columns k * C + c of each kept channel c."""
     from edgekd.prune.pruner import kept_whole_rows, layer_widths
 
     teacher, student, plan = _pruned("hf_swin")
@@ -193,10 +199,22 @@ def test_hf_swin_loses_whole_heads_and_their_position_biases(tmp_path):
     blocks = [m for m in student.modules() if type(m).__name__ == "SwinLayer"]
     assert [b.intermediate.dense.out_features for b in blocks] == [64, 128]
     assert [b.attention.output.dense.in_features for b in blocks] == [16, 32]
+    assert [b.attention.output.dense.out_features for b in blocks] == [16, 32]
+    assert [b.output.dense.out_features for b in blocks] == [16, 32]
+    embed = student.model.swin.embeddings.patch_embeddings.projection
+    assert embed.out_channels == 16
+    kept = _rows_kept(embed.weight.detach().flatten(1),
+                      teacher.model.swin.embeddings.patch_embeddings.projection.weight.detach().flatten(1))
+    merge, merge_before = student.model.swin.encoder.layers[0].downsample, teacher.model.swin.encoder.layers[0].downsample
+    columns = [k * 32 + c for k in range(4) for c in kept]  # the 4 slices concatenated on the channel axis
+    assert torch.equal(merge.norm.weight.detach(), merge_before.norm.weight.detach()[columns])
+    reduction_kept = _rows_kept(merge.reduction.weight.detach(), merge_before.reduction.weight.detach()[:, columns])
+    assert torch.equal(merge.reduction.weight.detach(), merge_before.reduction.weight.detach()[reduction_kept][:, columns])
+    assert merge.reduction.out_features == 32
     rows = kept_whole_rows(layer_widths(teacher), layer_widths(student), plan, RATIO)
-    residual = {r["layer"]: r["reason"] for r in rows if r["layer"] != "model.classifier"}
-    assert "model.swin.embeddings.patch_embeddings.projection" in residual
-    assert all("by design" in why and "failed" not in why for why in residual.values()), residual
+    assert [r["layer"] for r in rows] == ["model.classifier"] and not plan.failures
+    kept_params = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.parameters())
+    assert kept_params < 0.3
     x = _data(32).val_x
     _assert_runs(student, x)
     _assert_reloads("hf_swin", student, x, tmp_path)

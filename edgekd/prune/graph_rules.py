@@ -167,6 +167,8 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
         if sizes is not None and len(sizes) > 4:
             if _is_channel_shuffle(node):
                 state.stop_at(node, SHUFFLE_DESIGN, by_design=True)
+            elif (channels := _channels_last(graph, node)) is not None and _channels_after(graph, node) == channels:
+                _one_to_one(node)  # Swin's windows: (B, H/w, w, W/w, w, C) back to tokens, C kept last
             else:
                 state.stop_at(node, RESHAPE_REASON)
             return None
@@ -284,13 +286,15 @@ def _fix_flatten(node, spatial: int) -> None:
 
 
 def _channels_last(graph, node) -> int | None:
-    """The channel count C when ``node``'s 4-D input is channels-last (B, H, W, C): its last axis
-    is as wide as the layer feeding it and axis 1 is not; None otherwise (channels-first or unknown)."""
+    """The channel count C when ``node``'s input (4-D or more) is channels-last (B, ..., C): its
+    last axis is as wide as the layer feeding it and axis 1 is not; None otherwise (channels-first
+    or unknown)."""
     sizes = _input_sizes(node)
-    if sizes is None or len(sizes) != 4 or len(node.inputs) != 1:
+    if sizes is None or len(sizes) < 4 or len(node.inputs) != 1:
         return None
     channels = _channels(graph, node.inputs[0])
-    return channels if channels and sizes[-1] == channels and sizes[1] != channels else None
+    # more than one channel: a 1-channel gate broadcast over the features can make the inference read 1
+    return channels if channels and channels > 1 and sizes[-1] == channels and sizes[1] != channels else None
 
 
 class _ChannelsLastFlatten:
@@ -309,15 +313,26 @@ class _ChannelsLastFlatten:
                 for i in idxs for p in range(self.positions)]
 
 
+def _channels_after(graph, node) -> int | None:
+    """The features the layers after ``node`` read (torch-pruning's inference), None if unknown."""
+    for out in node.outputs:
+        after = shape_infer.infer_in_channels_recursively(graph, out, [0])
+        if after is not None:
+            return after
+    return None
+
+
+def _one_to_one(node) -> None:
+    """Channels cross ``node`` unchanged: no index mapping on its edges."""
+    for dep in _reshape_edges(node):
+        dep.index_mapping[0] = None
+
+
 def _fix_channels_last_reshape(graph, node, channels: int, sizes: tuple[int, ...]) -> None:
     """A reshape of a channels-last (B, H, W, C) tensor (see the module docstring): one to one when
     the layers after it read C features per position, ``_ChannelsLastFlatten`` when they read the
     flattened H*W*C."""
-    after = None
-    for out in node.outputs:
-        after = shape_infer.infer_in_channels_recursively(graph, out, [0])
-        if after is not None:
-            break
+    after = _channels_after(graph, node)
     positions = sizes[1] * sizes[2]
     flatten = after is not None and after == positions * channels and positions > 1
     inp = node.inputs[0]
@@ -339,10 +354,10 @@ def fix_channels_last_slices(graph) -> list:
             continue
         dim = getattr(node.grad_fn, "_saved_dim", None)
         channels = _channels_last(graph, node)
-        if channels is None or not isinstance(dim, int) or dim % 4 == 3:
+        ndim = len(_input_sizes(node) or ())
+        if channels is None or not isinstance(dim, int) or dim % ndim == ndim - 1:
             continue
-        for dep in _reshape_edges(node):
-            dep.index_mapping[0] = None
+        _one_to_one(node)
         fixed.append(node)
     return fixed
 

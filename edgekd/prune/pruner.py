@@ -53,7 +53,6 @@ from edgekd.prune.safety import (
     train_mode_forward,
     train_outputs_differ,
 )
-from edgekd.prune.windowed import window_residuals
 
 WIDTH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -441,7 +440,6 @@ def build_plan(model: nn.Module, example: torch.Tensor, config: PruneConfig, *, 
     ignoring their root layer. Raises ``ModelError`` when torch-pruning cannot trace the model.
     """
     kept_whole = list(kept_whole)
-    kept_whole += [k for k in window_residuals(model) if k.root not in {f.root for f in kept_whole}]
     example = example.contiguous()
     one = example[:1]
     was_training = model.training
