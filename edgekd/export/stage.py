@@ -9,7 +9,7 @@ Two kinds of failure, two outcomes:
 
 - a format the model cannot take (an operator the runtime lacks, a batch size the file refuses):
   that artifact is recorded ``failed`` with the whole cause, its file is moved out of
-  ``artifacts/`` to ``stages/export/failed/`` (nothing dead ships), and the run carries on with the
+  ``artifacts/`` to ``stages/<i>-export/failed/`` (nothing dead ships), and the run carries on with the
   formats that passed (the benchmark skips the failed runtime and says why). Only when no artifact
   at all passed does the stage fail;
 - an artifact that runs but disagrees with PyTorch beyond the tolerances: the export changed the
@@ -20,7 +20,7 @@ With more than one core, the first role is exported in a spawned child process w
 exports the others (``export.parallel``): the exporters are mostly single-threaded Python, and
 the quickstart's export took 49.7 s one role after the other against 38.5 s in parallel
 (``tools/bench_export.py``). The files are the same either way. The child's stdout and stderr go
-to ``stages/export/parallel-child.log``; when it cannot be used (a user model that will not
+to ``stages/<i>-export/parallel-child.log``; when it cannot be used (a user model that will not
 import in a fresh process, a pickling error), the role is exported here and one line says why.
 """
 
@@ -333,7 +333,7 @@ class ExportStage(Stage[ExportConfig]):
         console = Console(stderr=True)
         out_dir = ctx.run_dir.path / "artifacts"
         out_dir.mkdir(parents=True, exist_ok=True)
-        stage_dir = ctx.run_dir.path / "stages" / "export"
+        stage_dir = ctx.stage_dir("export")  # stages/<i>-export/: two export stages keep their own files
         samples = min(cfg.verify.samples, len(ctx.data.val))
         x_val, _ = ctx.data.val_tensors(samples)
         batch_sizes = _batch_sizes(ctx, cfg)
