@@ -361,3 +361,31 @@ def test_a_last_batch_of_one_sample_is_merged_so_batchnorm_trains(digits8, tmp_p
     assert [len(b) for b in epoch_batches(64 + 5, 32, epoch=1, seed=0)] == [32, 32, 5]  # others as they were
     result = fit(bn_mlp(), CrossEntropyObjective(), data, TrainConfig(epochs=2, batch_size=32), tmp_path, device=CPU)
     assert result.epochs_run == 2 and len(result.history) == 2
+
+
+def test_batchnorm_that_keeps_only_the_last_batch_is_validated_with_precise_statistics(digits8, tmp_path):
+    # momentum 0.997 (Hugging Face MobileNetV2: TensorFlow's decay given as PyTorch's momentum) leaves the running
+    # statistics those of the last batch, here 3 samples (1169 = 22 x 53 + 3); the trainer re-estimates them
+    # from training batches before validating, so the model that is kept and handed on carries them
+    def net(momentum: float) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=momentum), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 64, 10))
+
+    assert len(digits8.train) % 53 == 3
+
+    def mean_error(model: nn.Module) -> float:
+        with torch.no_grad():
+            exact = model[0](digits8.train_x).mean(dim=(0, 2, 3))
+        return float((model[1].running_mean - exact).abs().max())
+
+    errors = {}
+    for precise in (None, False):
+        model = net(0.997)
+        result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=1, batch_size=53, precise_bn=precise),
+                     tmp_path / str(precise), device=CPU)
+        assert (result.history[0].get("precise_bn_batches") == 16) == (precise is None)
+        errors[precise] = mean_error(model)
+    assert errors[None] < errors[False] / 3  # statistics of 16 x 53 samples, not of the last 3
+    usual = fit(net(0.1), CrossEntropyObjective(), digits8, TrainConfig(epochs=1), tmp_path / "usual", device=CPU)
+    assert "precise_bn_batches" not in usual.history[0]  # an ordinary momentum is left alone by default

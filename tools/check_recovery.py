@@ -45,13 +45,13 @@ CASES = {
 
 
 def recipe_for(name: str, *, seed: int, teacher_epochs: int, distill_epochs: int, gate: float,
-               distill_extra: dict[str, Any]) -> dict[str, Any]:
+               distill_extra: dict[str, Any], teacher_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The case's recipe (plain YAML data): prune + distill + gate, nothing exported."""
     return {
         "name": f"recovery-{name}".replace("_", "-"),
         "seed": seed,
         "data": {"dataset": "digits", "image_size": 32, "batch_size": 64},
-        "teacher": {"factory": CASES[name], "train": {"epochs": teacher_epochs}},
+        "teacher": {"factory": CASES[name], "train": {"epochs": teacher_epochs, **(teacher_extra or {})}},
         "student": {"from": "teacher"},
         "stages": [
             {"prune": {"importance": "l2", "ratio": 0.5, "round_to": 8, "probe": None}},
@@ -85,7 +85,9 @@ def read_run(result: CaseResult, run_dir: Path) -> None:
         for stage in manifest.get("stages", []):
             if stage.get("status") == "failed" and result.error is None:
                 result.error = f"{stage['key']}: {(stage.get('error') or '').strip().splitlines()[0][:300]}"
-        distill = (manifest.get("report_data") or {}).get("distill") or {}
+        data = manifest.get("report_data") or {}
+        # keyed by stage ("distill") or, since stages may repeat, by position and stage ("1-distill")
+        distill = next((v for k, v in reversed(list(data.items())) if k.split("-", 1)[-1] == "distill"), {})
         result.after_prune_val = distill.get("val_at_start")
         result.epochs_val = [round(row["val_accuracy"], 2) for row in distill.get("history", [])]
         result.settings = distill.get("settings") or {}
@@ -117,7 +119,8 @@ def run_case(name: str, out: Path, args: argparse.Namespace) -> CaseResult:
     recipe = folder / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(name, seed=args.seed, teacher_epochs=args.teacher_epochs,
                                                 distill_epochs=args.distill_epochs, gate=args.gate,
-                                                distill_extra=args.distill), sort_keys=False))
+                                                distill_extra=args.distill, teacher_extra=args.teacher),
+                                     sort_keys=False))
     run_dir = folder / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "edgekd", "compress", str(recipe), "--out", str(run_dir)]
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", type=float, default=2.0, help="max_accuracy_drop in points (test split)")
     parser.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra key of the distill stage (YAML value), e.g. lr=0.005; repeatable")
+    parser.add_argument("--teacher", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra key of the teacher's train block, e.g. lr=0.01; repeatable")
     parser.add_argument("--out", type=Path, help="keep recipes, logs and runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--nice", type=int, default=10, help="run each compress under nice -n N (0: not)")
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
     args.distill = {k: _value(v) for k, v in (item.split("=", 1) for item in args.distill)}
+    args.teacher = {k: _value(v) for k, v in (item.split("=", 1) for item in args.teacher)}
 
     results = []
     with tempfile.TemporaryDirectory(prefix="edgekd-recovery-") as tmp:

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from edgekd.data.bundle import DataBundle
-from edgekd.distill.config import AttentionTerm, DistillConfig, HintTerm, KDTerm, LossTerm, RKDTerm
+from edgekd.distill.config import (
+    FROM_SCRATCH,
+    AttentionTerm,
+    DistillConfig,
+    HintTerm,
+    KDTerm,
+    LossTerm,
+    RKDTerm,
+)
 from edgekd.distill.hooks import FeatureTap
 from edgekd.distill.losses import (
     HintAdaptor,
@@ -69,7 +77,9 @@ class DistillObjective(Objective):
 
     @classmethod
     def from_config(cls, teacher: nn.Module, config: DistillConfig) -> DistillObjective:
-        return cls(teacher, config.losses, temperature=config.temperature, alpha=config.alpha,
+        # alpha is None only in a config not made concrete (``DistillConfig.concrete``): the from-scratch default
+        alpha = config.alpha if config.alpha is not None else FROM_SCRATCH["alpha"]
+        return cls(teacher, config.losses, temperature=config.temperature, alpha=alpha,
                    cache=config.teacher_cache, cache_max_mb=config.cache_max_mb,
                    standardize=config.logit_standardization)
 

@@ -154,8 +154,8 @@ class DistillStage(Stage[DistillConfig]):
         check_distill_layers(self.config, ctx.teacher, ctx.student, ctx.example_batch)
 
     def run(self, ctx: RunContext) -> None:
-        objective = DistillObjective.from_config(ctx.teacher, self.config)
         config = self.config.concrete(ctx.student_from_weights)
+        objective = DistillObjective.from_config(ctx.teacher, config)
         data = training_data(ctx, config)
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)

@@ -65,6 +65,11 @@ class TrainConfig(StrictModel):
         None, description="random shifts/flips of each training batch; None = the samples as they are")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="divergence guard (rollback + lower lr)")
+    precise_bn: bool | None = Field(
+        None, description="re-estimate BatchNorm running statistics from training batches before each validation "
+                          "(Wu & Johnson 2021, 'precise BN'); null: only when some BatchNorm's momentum is >= "
+                          "0.5 (TensorFlow's decay read as PyTorch's momentum, as in Hugging Face MobileNetV1/V2: "
+                          "its running statistics are the last batch's)")
 
     def concrete(self, from_weights: bool) -> TrainConfig:
         """This config with every default that depends on the start filled in: ``from_weights`` is True
