@@ -122,6 +122,25 @@ class ShuffleNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ShuffleV1Net(nn.Module):
+    """ShuffleNetV1's unit without its residual: grouped 1x1 (groups 4), channel shuffle (view to
+    5-D, transpose, view back), depthwise 3x3, grouped 1x1 (groups 4)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.gconv1 = nn.Conv2d(32, 32, 1, groups=4)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.gconv2 = nn.Sequential(nn.Conv2d(32, 32, 1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        y = F.relu(self.gconv1(self.stem(x)))
+        n, c, h, w = y.shape
+        y = y.view(n, 4, c // 4, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(self.gconv2(self.dw(y)).mean((2, 3)))
+
+
 class GatedNet(nn.Module):
     """A 1-channel spatial gate multiplied into the features, then squeeze-excitation."""
 
@@ -511,6 +530,28 @@ def test_channel_shuffle_prunes_the_branches_and_keeps_the_shuffled_stream(image
     assert all(f.by_design for f in plan.failures) and not any("failed" in r["reason"] for r in rows.values())
 
 
+
+
+def test_channel_shuffle_between_grouped_convs_loses_whole_units(images):
+    """gconv1 (groups 4) -> shuffle -> depthwise -> gconv2 (groups 4): channel c = 8a + b of gconv1
+    lands at 4b + a, and gconv2's groups read 8 consecutive shuffled channels, so a unit that stays
+    whole groups on both sides is every channel with the same b % 2 (16 channels). Pruning 50%
+    removes one unit: gconv1 32 -> 16 and gconv2 reads 16, both still 4 groups, and the pruned
+    model computes exactly what the original computes with that unit zeroed (torch-pruning could
+    not map channels through the 5-D view: the layers were kept whole)."""
+    model = _ready(ShuffleV1Net(), images)
+    teacher = copy.deepcopy(model)
+    _, before, after, rows = _prune(model, images, ignored_layers=["stem.0", "gconv2.0"])
+    assert after["gconv1"]["width"] == 16 and after["dw"]["width"] == 16 and model.gconv2[0].in_channels == 16
+    assert model.gconv1.groups == 4 and model.gconv2[0].groups == 4 and model.dw.groups == 16
+    kept = _rows_kept(model.gconv1.weight.detach().flatten(1), teacher.gconv1.weight.detach().flatten(1))
+    assert sorted(kept) == kept and len({c % 2 for c in kept}) == 1 and len(kept) == 16  # one whole unit
+    removed = [c for c in range(32) if c not in kept]
+    with torch.no_grad():
+        teacher.gconv1.weight[removed] = 0
+        teacher.gconv1.bias[removed] = 0
+        assert torch.allclose(model(images), teacher(images), atol=1e-5)
+    assert "gconv1" not in rows and "dw" not in rows
 
 
 def _rows_kept(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:

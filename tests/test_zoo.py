@@ -42,8 +42,6 @@ PARITY_SAMPLES = 64
 
 #: (test, model) -> the failure seen today; each is xfail(strict=True) so a fix shows up as XPASS
 KNOWN: dict[tuple[str, str], str] = {
-    ("prune", "shuffle_groups"): "66% of the parameters kept: gconv1 and dw (4 layers) keep their width by design "
-    "because channels are not mapped through the channel shuffle between them (view to 5-D, transpose, view back)",
 }
 
 #: ONNX exports that take 8-30 s each here (many graph nodes: MobileNets, MobileViT, LeViT, Swin,

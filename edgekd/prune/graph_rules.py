@@ -14,6 +14,11 @@
   an identity mapping that is wrong for a permutation. ``reshape_rule`` restores the rule while
   the graph and its groups are built; a group stops at a reshape left unmapped and is kept whole
   (``EdgePruner.estimate_importance``), the rest of the model is pruned.
+  A shuffle between a conv and the convs reading it (ShuffleNetV1: grouped 1x1, shuffle,
+  depthwise, grouped 1x1) is mapped instead, as the permutation it is (``map_shuffle``): the
+  units pruned together are the channels at the same position of every group on both sides
+  (union-find over both groupings, ``_shuffle_units``), given to torch-pruning as the feeding
+  conv's ``out_channel_groups``; the group is rooted at that conv (its order is the units').
 - **Broadcast gates** (``y * torch.sigmoid(self.gate(y))`` with a 1-channel gate, CBAM's
   spatial attention): torch-pruning couples every input of an element-wise op channel by
   channel, so the features' channels were tied to the gate's single channel and the group could
@@ -133,6 +138,7 @@ class ReshapeState:
         self.reached: set = set()
         self.why: dict = {}  # node -> why no index crosses it
         self.by_design: set = set()  # nodes that keep their groups whole by design (not a failure)
+        self.shuffle_groups: dict = {}  # layer feeding a mapped channel shuffle -> its out_channel_groups
 
     def stop_at(self, node, why: str = SHUFFLE_REASON, by_design: bool = False) -> None:
         if node in self.unmapped:
@@ -166,7 +172,8 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
         sizes = _input_sizes(node)
         if sizes is not None and len(sizes) > 4:
             if _is_channel_shuffle(node):
-                state.stop_at(node, SHUFFLE_DESIGN, by_design=True)
+                if not map_shuffle(graph, node, state):
+                    state.stop_at(node, SHUFFLE_DESIGN, by_design=True)
             elif (channels := _channels_last(graph, node)) is not None and _channels_after(graph, node) == channels:
                 _one_to_one(node)  # Swin's windows: (B, H/w, w, W/w, w, C) back to tokens, C kept last
             else:
@@ -283,6 +290,138 @@ def _fix_flatten(node, spatial: int) -> None:
                 dep.index_mapping[0] = None
             else:
                 mapping._stride = spatial
+
+
+class _ShuffleMapping:
+    """Index mapping of a channel shuffle's view back (``view(b, g, C/g, h, w).transpose(1, 2)``
+    then ``view(b, C, h, w)``): channel ``c = a * C/g + b`` becomes ``b * g + a`` (``reverse``:
+    the inverse permutation). ``channels`` is read when called (pruning changes C, never g)."""
+
+    def __init__(self, groups: int, channels, reverse: bool) -> None:
+        self.groups, self.channels, self.reverse = groups, channels, reverse
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        g, per = self.groups, self.channels() // self.groups
+        if self.reverse:
+            return [_helpers._HybridIndex(idx=(i.idx % g) * per + i.idx // g, root_idx=i.root_idx) for i in idxs]
+        return [_helpers._HybridIndex(idx=(i.idx % per) * g + i.idx // per, root_idx=i.root_idx) for i in idxs]
+
+
+def _is_depthwise(module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def _shuffle_producer(node):
+    """The conv whose output channels reach the shuffle's first view through channel-wise ops only."""
+    current = node
+    for _ in range(_MAX_WALK):
+        if len(current.inputs) != 1:
+            return None
+        current = current.inputs[0]
+        if current.type == _OP.CONV and not _is_depthwise(current.module):
+            return current.module
+        if current.type not in (_OP.BN, _OP.ELEMENTWISE, _OP.RESHAPE) or len(current.outputs) != 1:
+            return None
+    return None
+
+
+def _shuffle_consumers(node) -> list[int] | None:
+    """The grouped-conv group counts of the layers reading the shuffled channels (1: a plain conv),
+    walking through single-input channel-wise ops and depthwise convs; None when the channels
+    reach anything else (a join, a reshape, a split, a Linear, the output)."""
+    found, frontier, seen = [], list(node.outputs), set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if len(seen) > 4 * _MAX_WALK:
+            return None
+        if current.type == _OP.CONV and not _is_depthwise(current.module):
+            found.append(current.module.groups)
+            continue
+        if not (current.type in (_OP.BN, _OP.ELEMENTWISE) or _is_depthwise(current.module)) \
+                or len(current.inputs) != 1 or not current.outputs:
+            return None
+        frontier.extend(current.outputs)
+    return found or None
+
+
+def _shuffle_units(channels: int, groups: int, producer_groups: int, consumer_groups: list[int]) -> int | None:
+    """torch-pruning's ``out_channel_groups`` for the producer of a channel shuffle, so each pruned
+    unit stays whole groups on both sides: channels at the same position of every producer group
+    go together, and so do channels at the same position of every consumer group (after the
+    permutation). The units must be ``{c : c % m == r}`` (torch-pruning's channel-group pattern,
+    ``C / m`` groups of ``m``); None otherwise."""
+    parent = list(range(channels))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a: int, b: int) -> None:
+        parent[find(a)] = find(b)
+
+    per = channels // groups
+    inverse = [0] * channels  # position after the shuffle -> channel before it
+    for c in range(channels):
+        inverse[(c % per) * groups + c // per] = c
+    if producer_groups > 1:
+        size = channels // producer_groups
+        for c in range(channels):
+            union(c, c % size)
+    for g in consumer_groups:
+        if g > 1:
+            size = channels // g
+            for n in range(channels):
+                union(inverse[n], inverse[n % size])
+    roots = [find(c) for c in range(channels)]
+    m = len(set(roots))
+    if channels % m or any(roots[c] != roots[c % m] for c in range(channels)):
+        return None
+    return channels // m
+
+
+def map_shuffle(graph, node, state: ReshapeState) -> bool:
+    """Map a channel shuffle's view back as a permutation (``_ShuffleMapping``) when the conv feeding
+    it and the convs reading it are known, and set the feeding conv's channel groups so pruned
+    units are whole groups on both sides (``state.shuffle_groups``). False: left to the caller."""
+    sizes = _input_sizes(node)
+    first = node
+    for _ in range(4):  # back to the first view (transpose and copies in between)
+        first = first.inputs[0] if len(first.inputs) == 1 else None
+        if first is None or first.type == _OP.RESHAPE:
+            break
+    if sizes is None or first is None or first.type != _OP.RESHAPE:
+        return False
+    producer, consumers = _shuffle_producer(first), _shuffle_consumers(node)
+    if producer is None or consumers is None:
+        return False
+    groups = sizes[2]  # (B, C/g, g, H, W) after the transpose
+    if producer not in state.shuffle_groups:
+        channels = producer.out_channels
+        if channels != sizes[1] * sizes[2]:
+            return False
+        units = _shuffle_units(channels, groups, producer.groups, consumers)
+        if units is None:
+            return False
+        state.shuffle_groups[producer] = units
+
+    def current() -> int:
+        return producer.out_channels
+
+    inp = node.inputs[0]
+    for dep in node.dependencies:
+        if dep.target is inp:
+            dep.index_mapping[0] = _ShuffleMapping(groups, current, reverse=True)
+    for dep in inp.dependencies:
+        if dep.target is node:
+            dep.index_mapping[0] = _ShuffleMapping(groups, current, reverse=False)
+    return True
 
 
 def _channels_last(graph, node) -> int | None:

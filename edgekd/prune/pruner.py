@@ -188,7 +188,16 @@ class EdgePruner(tp.pruner.BasePruner):
         if gates:
             self.chunk_gates = gates
             self.out_channel_groups.update(gates)
-        if gates or broadcast:
+        # a mapped channel shuffle: its feeding conv loses whole units (groups on both sides)
+        shuffled = {m: k for m, k in self.reshapes.shuffle_groups.items() if k > self.out_channel_groups.get(m, 1)}
+        self.out_channel_groups.update(shuffled)
+        if shuffled:
+            # the units are channel groups in the producer's order: its group must be rooted there
+            # (torch-pruning roots a group at the first of its layers in module2node), not at a
+            # depthwise conv after the shuffle, whose channel order is permuted
+            first = {m: self.DG.module2node[m] for m in shuffled if m in self.DG.module2node}
+            self.DG.module2node = {**first, **{m: n for m, n in self.DG.module2node.items() if m not in first}}
+        if gates or broadcast or shuffled:
             self.initial_total_channels = self._count_channels()
 
     def _count_channels(self) -> int:
