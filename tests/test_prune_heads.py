@@ -259,3 +259,22 @@ def test_hf_levit_loses_whole_packed_heads_and_its_embedding_width(tmp_path):
     x = _data(32).val_x
     _assert_runs(student, x)
     _assert_reloads("hf_levit", student, x, tmp_path)
+
+
+@pytest.mark.parametrize("name, embedding", [
+    ("hf_levit", "model.levit.patch_embeddings.embedding_layer_4.convolution"),
+    ("hf_swin", "model.swin.embeddings.patch_embeddings.projection"),
+])
+def test_channels_last_models_reach_the_same_widths_in_three_iterative_steps(name, embedding):
+    """torch-pruning maps indices again after each cut, when the traced sizes no longer match the
+    pruned widths: the channels-last rules are decided once at the trace, so three steps cut the
+    embedding 32 -> 16 with no group kept whole, as one step does."""
+    data = _data(32)
+    torch.manual_seed(0)
+    model = _spec(name).build(10, data.input_shape)
+    config = PruneConfig(ratio=RATIO, round_to=ROUND_TO, probe=None, steps=3)
+    plan = prune_at_ratio(model, PruneEnv(config=config, samples=data.train_x[:64].contiguous(), teacher=model),
+                          RATIO)
+    assert not plan.failures, [f.reason() for f in plan.failures]
+    assert model.get_submodule(embedding).out_channels == 16
+    _assert_runs(model, data.val_x)

@@ -607,15 +607,17 @@ def test_pooled_branches_concatenated_into_fc_cut_the_matching_fc_columns(images
     assert set(rows) == {"fc"}
 
 
-def test_channels_last_slice_and_flatten_map_channels_one_to_one_and_per_position(images):
+@pytest.mark.parametrize("steps", [1, 3])
+def test_channels_last_slice_and_flatten_map_channels_one_to_one_and_per_position(images, steps):
     """A spatial slice of a channels-last tensor keeps every channel, and its flatten puts channel c
     of position p at p * C + c: pruning conv 32 -> 16 keeps mix's columns of the kept channels and
-    fc's columns p * 32 + c (torch-pruning read axis 1 as channels: the slice halved the indices)."""
+    fc's columns p * 32 + c (torch-pruning read axis 1 as channels: the slice halved the indices);
+    in iterative steps too, where the channel count read by the flatten's mapping has changed."""
     model = _ready(ChannelsLastNet(), images)
     conv, mix, fc = (model.conv.weight.detach().flatten(1), model.mix.weight.detach().clone(),
                      model.fc.weight.detach().clone())
     stem = model.stem[0].weight.detach().flatten(1)
-    _, before, after, rows = _prune(model, images)
+    _, before, after, rows = _prune(model, images, steps=steps)
     assert after["conv"]["width"] == 16 and model.mix.in_features == 16 and model.fc.in_features == 16 * 16
     stem_kept = _rows_kept(model.stem[0].weight.detach().flatten(1), stem)
     kept = _rows_kept(model.conv.weight.detach().flatten(1), conv.view(32, 16, 9)[:, stem_kept].flatten(1))

@@ -139,6 +139,7 @@ class ReshapeState:
         self.why: dict = {}  # node -> why no index crosses it
         self.by_design: set = set()  # nodes that keep their groups whole by design (not a failure)
         self.shuffle_groups: dict = {}  # layer feeding a mapped channel shuffle -> its out_channel_groups
+        self.layouts: dict = {}  # reshape/slice node -> how channels-last channels cross it (decided once)
 
     def stop_at(self, node, why: str = SHUFFLE_REASON, by_design: bool = False) -> None:
         if node in self.unmapped:
@@ -174,7 +175,7 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             if _is_channel_shuffle(node):
                 if not map_shuffle(graph, node, state):
                     state.stop_at(node, SHUFFLE_DESIGN, by_design=True)
-            elif (channels := _channels_last(graph, node)) is not None and _channels_after(graph, node) == channels:
+            elif channels_last_layout(graph, node, state) == _ONE_TO_ONE:
                 _one_to_one(node)  # Swin's windows: (B, H/w, w, W/w, w, C) back to tokens, C kept last
             else:
                 state.stop_at(node, RESHAPE_REASON)
@@ -185,9 +186,9 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
             state.stop_at(node)
             return None
         if sizes is not None and len(sizes) == 4:
-            channels = _channels_last(graph, node)
-            if channels is not None:
-                _fix_channels_last_reshape(graph, node, channels, sizes)
+            layout = channels_last_layout(graph, node, state)
+            if layout is not None:
+                _fix_channels_last_reshape(graph, node, layout)
             else:
                 _fix_flatten(node, sizes[2] * sizes[3])
         return None
@@ -197,7 +198,7 @@ def reshape_rule(state: ReshapeState) -> Iterator[ReshapeState]:
     def update_ordered(graph) -> None:
         order_split_outputs(graph)
         update_all(graph)
-        fix_channels_last_slices(graph)
+        fix_channels_last_slices(graph, state)
         for node in state.unmapped:
             state.restop(node)
 
@@ -438,18 +439,48 @@ def _channels_last(graph, node) -> int | None:
 
 class _ChannelsLastFlatten:
     """Index mapping of a channels-last flatten: channel ``c`` of C becomes features ``p * C + c``
-    for each of ``positions`` positions (``reverse``: feature ``f`` comes from channel ``f % C``)."""
+    for each of ``positions`` positions (``reverse``: feature ``f`` comes from channel ``f % C``).
+    ``channels()`` gives the current C (pruning changes it, never the positions)."""
 
-    def __init__(self, channels: int, positions: int, reverse: bool) -> None:
+    def __init__(self, channels, positions: int, reverse: bool) -> None:
         self.channels, self.positions, self.reverse = channels, positions, reverse
 
     def __call__(self, idxs):
         from torch_pruning import _helpers
 
+        channels = self.channels()
         if self.reverse:
-            return list({_helpers._HybridIndex(idx=i.idx % self.channels, root_idx=i.root_idx) for i in idxs})
-        return [_helpers._HybridIndex(idx=p * self.channels + i.idx, root_idx=i.root_idx)
+            return list({_helpers._HybridIndex(idx=i.idx % channels, root_idx=i.root_idx) for i in idxs})
+        return [_helpers._HybridIndex(idx=p * channels + i.idx, root_idx=i.root_idx)
                 for i in idxs for p in range(self.positions)]
+
+
+_ONE_TO_ONE = "one to one"
+
+
+def channels_last_layout(graph, node, state: ReshapeState):
+    """How channels cross a reshape or slice of a channels-last tensor: ``_ONE_TO_ONE``, the
+    number of positions of a flatten (channel c of position p at p * C + c), or None (not
+    channels-last, or a reshape of more than 4 dimensions that does not keep C last). Decided once,
+    when the graph is traced: torch-pruning maps indices again after each cut, and the traced
+    sizes then no longer match the pruned widths."""
+    if node in state.layouts:
+        return state.layouts[node]
+    layout = None
+    sizes = _input_sizes(node)
+    channels = _channels_last(graph, node)
+    if channels is not None and sizes is not None:
+        if node.type == _OP.SLICE:
+            dim = getattr(node.grad_fn, "_saved_dim", None)
+            layout = _ONE_TO_ONE if isinstance(dim, int) and dim % len(sizes) != len(sizes) - 1 else None
+        else:
+            after, positions = _channels_after(graph, node), sizes[1] * sizes[2]
+            if after == channels:
+                layout = _ONE_TO_ONE
+            elif len(sizes) == 4:
+                layout = positions if after == positions * channels and positions > 1 else _ONE_TO_ONE
+    state.layouts[node] = layout
+    return layout
 
 
 def _channels_after(graph, node) -> int | None:
@@ -467,34 +498,33 @@ def _one_to_one(node) -> None:
         dep.index_mapping[0] = None
 
 
-def _fix_channels_last_reshape(graph, node, channels: int, sizes: tuple[int, ...]) -> None:
+def _fix_channels_last_reshape(graph, node, layout) -> None:
     """A reshape of a channels-last (B, H, W, C) tensor (see the module docstring): one to one when
     the layers after it read C features per position, ``_ChannelsLastFlatten`` when they read the
-    flattened H*W*C."""
-    after = _channels_after(graph, node)
-    positions = sizes[1] * sizes[2]
-    flatten = after is not None and after == positions * channels and positions > 1
+    flattened H*W*C (``layout``: the number of positions)."""
+    if layout == _ONE_TO_ONE:
+        _one_to_one(node)
+        return
     inp = node.inputs[0]
+
+    def channels() -> int:
+        return _channels(graph, inp) or 1
+
     for dep in node.dependencies:
         if dep.target is inp:
-            dep.index_mapping[0] = _ChannelsLastFlatten(channels, positions, reverse=True) if flatten else None
+            dep.index_mapping[0] = _ChannelsLastFlatten(channels, layout, reverse=True)
     for dep in inp.dependencies:
         if dep.target is node:
-            dep.index_mapping[0] = _ChannelsLastFlatten(channels, positions, reverse=False) if flatten else None
+            dep.index_mapping[0] = _ChannelsLastFlatten(channels, layout, reverse=False)
 
 
-def fix_channels_last_slices(graph) -> list:
+def fix_channels_last_slices(graph, state: ReshapeState) -> list:
     """A slice of a channels-last 4-D tensor along a spatial axis (LeViT's ``[:, ::2, ::2]``)
     keeps every channel: its edges map channels one to one (torch-pruning mapped axis 1 as
     channels). Returns the slice nodes changed."""
     fixed = []
     for node in graph.module2node.values():
-        if node.type != _OP.SLICE:
-            continue
-        dim = getattr(node.grad_fn, "_saved_dim", None)
-        channels = _channels_last(graph, node)
-        ndim = len(_input_sizes(node) or ())
-        if channels is None or not isinstance(dim, int) or dim % ndim == ndim - 1:
+        if node.type != _OP.SLICE or channels_last_layout(graph, node, state) != _ONE_TO_ONE:
             continue
         _one_to_one(node)
         fixed.append(node)
