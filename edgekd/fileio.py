@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,20 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def stale_temporaries(folder: Path | str) -> list[Path]:
+    """Temporary files that ``atomic_path`` left under ``folder`` (recursively): a process killed
+    between creating one and renaming it (SIGKILL, an OOM kill) cannot remove it itself.
+
+    Their names are ``.<stem>.<8 random characters><suffix>`` (``tempfile.mkstemp``); only files of
+    that shape are returned, so a user's own dot-files are left alone.
+    """
+    return [p for p in Path(folder).rglob(".*") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+
+
+#: ``tempfile.mkstemp(prefix=".<stem>.", suffix=<suffix>)``: 8 characters from [a-z0-9_]
+_TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9_]+)?")
 
 
 def atomic_write_bytes(target: Path | str, data: bytes) -> None:

@@ -100,9 +100,14 @@ def test_resume_keeps_the_artifacts_of_finished_stages(tmp_path):
     assert first.returncode == 0, first.stderr
     before = json.loads((out / "manifest.json").read_text())["artifacts"]
     assert {"artifacts/student.onnx", "artifacts/teacher.onnx"} <= {a["path"] for a in before}
+    # what a SIGKILL between writing and renaming leaves (atomic_path's temporary name); a user's dot-file stays
+    leftover = out / "artifacts" / ".student.so3920wd.onnx"
+    leftover.write_bytes(b"half an onnx file")
+    (out / ".notes").write_text("mine")
     again = _edgekd("compress", recipe, *sets, "--out", str(out), "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "skip 0-export" in again.stderr
+    assert not leftover.exists() and (out / ".notes").read_text() == "mine"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifacts"] == before
     report = json.loads((out / "report.json").read_text())

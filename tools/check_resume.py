@@ -81,9 +81,9 @@ def _stage_running(out: Path, key_prefix: str, min_epochs: int) -> bool:
         if stage["key"].split("-", 1)[-1].startswith(key_prefix) and stage["status"] == "running":
             if min_epochs == 0:
                 return True
-            logs = list(out.glob("**/metrics.csv"))
-            return any(len(log.read_text().splitlines()) > min_epochs for log in logs
-                       if (key_prefix in str(log) or (key_prefix == "teacher" and "teacher" in str(log))))
+            # match on the path inside the run: the run folder itself is named after the kill point
+            logs = [log for log in out.glob("**/metrics.csv") if key_prefix in str(log.relative_to(out))]
+            return any(len(log.read_text().splitlines()) > min_epochs for log in logs)
     return False
 
 

@@ -31,7 +31,7 @@ from rich.console import Console
 import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
 from edgekd.data import load_data
 from edgekd.errors import ConfigError, EdgekdError, StageError
-from edgekd.fileio import atomic_write_text, sha256_file
+from edgekd.fileio import atomic_write_text, sha256_file, stale_temporaries
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.portable import load_portable, save_portable, trusted_factories
 from edgekd.models.spec import ModelSpec
@@ -151,6 +151,11 @@ class Runner:
         with trusted_factories(named), \
                 (self.run_dir.lock() if self.is_main else contextlib.nullcontext(self.run_dir)):
             self.manifest = self._open_manifest(steps)
+            if self.is_main and self.resume:
+                # a killed run leaves the half-written file it was renaming into place; the step that
+                # wrote it runs again, so nothing of value is lost
+                for leftover in stale_temporaries(self.run_dir.path):
+                    leftover.unlink(missing_ok=True)
             if self.is_main:
                 resolved = self.recipe.model_dump(mode="json", by_alias=True)
                 atomic_write_text(self.run_dir.path / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
