@@ -415,14 +415,20 @@ def map_shuffle(graph, node, state: ReshapeState) -> bool:
     def current() -> int:
         return producer.out_channels
 
+    _map_through(node, lambda reverse: _ShuffleMapping(groups, current, reverse=reverse))
+    return True
+
+
+def _map_through(node, mapping) -> None:
+    """Give the edges between ``node`` and its first input the index mapping ``mapping(reverse)``:
+    reverse=True from the node back to its input, False from the input forward to the node."""
     inp = node.inputs[0]
     for dep in node.dependencies:
         if dep.target is inp:
-            dep.index_mapping[0] = _ShuffleMapping(groups, current, reverse=True)
+            dep.index_mapping[0] = mapping(True)
     for dep in inp.dependencies:
         if dep.target is node:
-            dep.index_mapping[0] = _ShuffleMapping(groups, current, reverse=False)
-    return True
+            dep.index_mapping[0] = mapping(False)
 
 
 def _channels_last(graph, node) -> int | None:
@@ -510,12 +516,7 @@ def _fix_channels_last_reshape(graph, node, layout) -> None:
     def channels() -> int:
         return _channels(graph, inp) or 1
 
-    for dep in node.dependencies:
-        if dep.target is inp:
-            dep.index_mapping[0] = _ChannelsLastFlatten(channels, layout, reverse=True)
-    for dep in inp.dependencies:
-        if dep.target is node:
-            dep.index_mapping[0] = _ChannelsLastFlatten(channels, layout, reverse=False)
+    _map_through(node, lambda reverse: _ChannelsLastFlatten(channels, layout, reverse=reverse))
 
 
 def fix_channels_last_slices(graph, state: ReshapeState) -> list:

@@ -99,12 +99,7 @@ class HeadLayout:
             for layer in self.projections:
                 tp.prune_linear_out_channels(layer, per_head)
         tp.prune_linear_in_channels(proj, per_head)
-        kept = [h for h in range(heads) if h not in drop]
-        for name, axis in self.head_params:
-            param = getattr(self.module, name)
-            with torch.no_grad():
-                kept_part = param.index_select(axis, torch.tensor(kept, device=param.device)).clone()
-            setattr(self.module, name, nn.Parameter(kept_part, requires_grad=param.requires_grad))
+        keep_head_params(self.module, self.head_params, [h for h in range(heads) if h not in drop])
         self.update(keep)
         return drop
 
@@ -249,3 +244,13 @@ def swap_fused_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
         swapped.append(name)
     return sorted(swapped)
+
+
+def keep_head_params(module: nn.Module, head_params, kept: list[int]) -> None:
+    """Replace each per-head parameter of ``module`` (``(name, head axis)`` pairs, e.g. a relative
+    position bias table's head columns) by its slices for the ``kept`` heads, as new Parameters."""
+    for name, axis in head_params:
+        param = getattr(module, name)
+        with torch.no_grad():
+            part = param.index_select(axis, torch.tensor(kept, device=param.device)).clone()
+        setattr(module, name, nn.Parameter(part, requires_grad=param.requires_grad))

@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgekd.prune.attention import SplitHeadAttention
-from edgekd.prune.heads import HEAD_COUNT_ATTRS, HeadLayout, _calls, find_head_layouts
+from edgekd.prune.heads import HEAD_COUNT_ATTRS, HeadLayout, _calls, find_head_layouts, keep_head_params
 
 #: norms that follow a projection inside its wrapper (LeViT's MLPLayerWithBN), pruned with its rows
 _NORMS = {nn.BatchNorm1d: tp.prune_batchnorm_out_channels, nn.LayerNorm: tp.prune_layernorm_out_channels}
@@ -96,11 +96,7 @@ class PackedHeadLayout(HeadLayout):
         block = proj.in_features // heads
         tp.prune_linear_in_channels(proj, [h * block + d for h in drop for d in range(block)])
         kept = [h for h in range(heads) if h not in drop]
-        for name, axis in self.head_params:
-            param = getattr(self.module, name)
-            with torch.no_grad():
-                part = param.index_select(axis, torch.tensor(kept, device=param.device)).clone()
-            setattr(self.module, name, nn.Parameter(part, requires_grad=param.requires_grad))
+        keep_head_params(self.module, self.head_params, kept)
         new_widths = {old: p.out_features for p, old in old_widths.items()}
         new_widths[proj.in_features * heads // len(kept)] = proj.in_features
         for attr in self.width_attrs:
