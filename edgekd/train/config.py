@@ -19,7 +19,8 @@ class GuardConfig(StrictModel):
     """The divergence guard: after a bad step or epoch, roll back to the last good epoch, lower the lr, go on.
 
     A step whose loss is not finite or exceeds ``explode_factor`` x max(the run's first loss, ln C),
-    an epoch whose train accuracy is at chance, or an epoch whose val accuracy falls more than
+    an epoch whose train accuracy is at chance, an epoch whose mean train loss is above ``rise_factor``
+    x max(the run's first loss, ln C), or an epoch whose val accuracy falls more than
     ``max_drop_from_start`` points below the starting model's (when that was above chance) is undone:
     weights, schedule, RNG and loss scaler return to the end of the last good epoch, the optimizer's
     moments are cleared and every lr is multiplied by ``lr_factor``. Each rollback is recorded.
@@ -32,6 +33,9 @@ class GuardConfig(StrictModel):
     lr_factor: float = Field(0.3, gt=0.0, lt=1.0, description="every lr is multiplied by this at each rollback")
     explode_factor: float = Field(10.0, gt=1.0, description="a step loss above this x max(first loss, ln C) "
                                                             "counts as exploding")
+    rise_factor: float | None = Field(
+        1.05, gt=1.0, description="an epoch whose mean train loss is above this x max(the run's first loss, "
+                                  "ln C) counts as diverged (it made the model worse than it started); null: off")
     chance_after_steps: int = Field(50, ge=0, description="train accuracy at chance counts only after this many "
                                     "optimizer steps (a first epoch of 2 steps proves nothing)")
     chance_margin: float = Field(0.05, ge=0.0, lt=1.0, description="'at chance' means at most chance + this share "

@@ -6,7 +6,12 @@ What counts as diverged (``GuardConfig`` holds the thresholds):
   (ln C is the cross-entropy of a uniform guess, so a small first loss does not make every later
   wobble an explosion);
 - an epoch: train accuracy at chance while the loss is not falling (the model does not learn, as
-  a pruned MobileNetV2 whose train accuracy sat at 10-12% did not), or val accuracy more than ``max_drop_from_start`` points
+  a pruned MobileNetV2 whose train accuracy sat at 10-12% did not), a mean train loss above
+  ``rise_factor`` x max(the run's first loss, ln C) (training made the model worse than where it
+  started and worse than a uniform guess: a Hugging Face MobileNetV2 trained from scratch with SGD
+  at lr 0.05 went 2.51 (first step) -> 2.50, 2.85, 2.58, 3.74, 3.41 and ended at 41% val, where lr
+  0.01 reaches 84%; no single step exploded and train accuracy stayed above chance at 19-27%, so
+  nothing else caught it), or val accuracy more than ``max_drop_from_start`` points
   below the starting model's when that model was above chance (recovery training that destroys
   what it recovers: a pruned ResNet-18 went from 92% to 10% in its first distillation epoch).
 
@@ -81,6 +86,10 @@ def epoch_problem(train_accuracy: float, val_accuracy: float, start_accuracy: fl
                   reference_loss: float | None = None, steps: int | None = None) -> str | None:
     """Why a finished epoch counts as diverged, or None (train accuracy NaN: no labeled samples).
 
+    A mean ``train_loss`` above ``guard.rise_factor`` x max(``reference_loss``, ln C) counts whatever the
+    accuracy (``rise_factor`` None: off); ln C keeps a student that starts with a loss near 0 from
+    counting noise as a rise.
+
     Train accuracy at chance counts only when the epoch's mean loss is not at least 10% below the run's
     first loss: a heavily pruned student may sit at chance for a warm-up epoch while its loss falls,
     and lowering its lr then would only slow it down; nor before ``guard.chance_after_steps`` steps
@@ -89,6 +98,11 @@ def epoch_problem(train_accuracy: float, val_accuracy: float, start_accuracy: fl
     enough = steps is None or steps >= guard.chance_after_steps
     if not math.isnan(train_accuracy) and stalled and enough and at_chance(train_accuracy, num_classes, guard.chance_margin):
         return f"train accuracy {train_accuracy:.2f}% is at chance ({chance(num_classes):.1f}%) and the loss is not falling"
+    if train_loss is not None and reference_loss is not None and guard.rise_factor is not None:
+        floor = max(reference_loss, math.log(max(num_classes, 2)))
+        if not train_loss <= guard.rise_factor * floor:  # NaN counts as risen
+            return (f"the epoch's mean train loss {train_loss:.4g} rose above {guard.rise_factor:g} x "
+                    f"{floor:.4g} (the first loss, or ln {num_classes} if larger): the lr is too high to learn")
     alive_start = start_accuracy is not None and not at_chance(start_accuracy, num_classes, guard.chance_margin)
     if alive_start and guard.max_drop_from_start is not None \
             and val_accuracy < start_accuracy - guard.max_drop_from_start:

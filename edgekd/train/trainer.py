@@ -56,6 +56,8 @@ DEFAULT_BATCH_SIZE = 64
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.csv"
+#: the model, schedule and RNG before the first epoch: where the guard restarts a run whose good epoch is spoiled
+START = "start.pt"
 
 
 @dataclass
@@ -304,7 +306,7 @@ def fit(
         else:
             # a fresh start: forget files of an earlier, abandoned run in this directory
             if main:
-                for name in (LAST, BEST, METRICS):
+                for name in (LAST, BEST, METRICS, START):
                     (workdir / name).unlink(missing_ok=True)
         if main:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +318,7 @@ def fit(
             state.start_val_accuracy = start_acc
         # the last good epoch, for the divergence guard (what last.pt holds, kept in memory)
         good = take_snapshot(model, extra, scheduler, scaler, _rng_state())
+        start = _start_snapshot(workdir, good, state, main) if config.guard.enabled else None
         try:
             with _progress(console, enabled=main) as progress:
                 while state.epoch < config.epochs and not state.stopped_early:
@@ -336,8 +339,9 @@ def fit(
                                                              batch_size, seed, device, label, epoch, console, main,
                                                              steps)
                     except Diverged as why:
-                        _roll_back(why, good, model, extra, optimizer, scheduler, scaler, config, state, epoch,
-                                   label, console, main, workdir)
+                        if _roll_back(why, good, start, model, extra, optimizer, scheduler, scaler, config, state,
+                                      epoch, label, console, main, workdir):
+                            good, best_weights = start, dict(start.model)  # a restart: earlier epochs are void
                         continue
                     row.update(val_accuracy=val_acc, val_loss=val_loss)
                     state.epoch = epoch
@@ -441,31 +445,70 @@ def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size,
              "(are train and val the same task?) and the normalisation; a lower lr or more epochs may help")
 
 
-def _roll_back(why: Diverged, good: Snapshot, model, extra, optimizer, scheduler, scaler, config, state: _State,
-               epoch: int, label: str, console, main: bool, workdir: Path) -> None:
+def _start_snapshot(workdir: Path, good: Snapshot, state: _State, main: bool) -> Snapshot | None:
+    """The run's state before its first epoch: ``good`` itself on a fresh start (written to ``start.pt`` so a
+    resumed run can restart the same way), else read back from ``start.pt`` (None when it is missing: a run
+    written before this file existed cannot restart, only roll back)."""
+    path = workdir / START
+    if state.epoch == 0:
+        if main:
+            atomic_torch_save({"model": good.model, "extra": good.extra, "scheduler": good.scheduler,
+                               "scaler": good.scaler, "rng": good.rng}, path)
+        return good
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return Snapshot(model=saved["model"], extra=saved["extra"], scheduler=saved["scheduler"], scaler=saved["scaler"],
+                    rng=saved["rng"])
+
+
+def _roll_back(why: Diverged, good: Snapshot, start: Snapshot | None, model, extra, optimizer, scheduler, scaler,
+               config, state: _State, epoch: int, label: str, console, main: bool, workdir: Path) -> bool:
     """Undo the diverged epoch (see ``edgekd.train.guard``), or raise ``TrainingDivergedError`` when the
-    guard is off or out of rollbacks."""
+    guard is off or out of rollbacks. Returns True when the run restarted from ``start``.
+
+    When the previous rollback already returned to this same good epoch and training from it diverged
+    again at a lower lr, that epoch is spoiled, not the lr alone (a Hugging Face MobileNetV2 whose first
+    epoch warmed up to lr 0.05 rose above its first loss from there at every lr down to 0.00135): the run
+    restarts from the model it began with (``start``), at the lowered lr, its epochs, history and best
+    weights discarded. The restart is a rollback too (it counts against ``max_rollbacks``)."""
     guard = config.guard
     done = [e for e in state.guard_events if e["action"] == "rollback"]
     if not guard.enabled or len(done) >= guard.max_rollbacks:
-        kept = (f"the last good checkpoint ({workdir / LAST}, epoch {state.epoch}) is kept" if state.epoch
-                else "no epoch finished, so there is no checkpoint yet")
+        restarts = [e for e in done if e.get("restart")]
+        if state.epoch:
+            kept = f"the last good checkpoint ({workdir / LAST}, epoch {state.epoch}) is kept"
+        elif restarts and (workdir / LAST).is_file():  # last.pt is still the attempt before the restart
+            kept = (f"the last good checkpoint ({workdir / LAST}, epoch {restarts[-1]['from_epoch']}) is kept "
+                    f"(from before the restart)")
+        else:
+            kept = "no epoch finished, so there is no checkpoint yet"
         tried = (f" after {len(done)} rollback(s) with the lr lowered to x{guard.lr_factor ** len(done):.3g} "
                  f"({'; '.join(e['reason'] for e in done)})" if done else "")
         raise TrainingDivergedError(
             f"{label}: {why.reason} at epoch {epoch}{why.facts.get('where', '')}{tried}; {kept}",
             hint="lower lr, set grad_clip (e.g. 1.0) or more warmup_epochs, and check the data for NaN/inf; "
                  "--resume then continues from the last good checkpoint")
-    lrs = roll_back(good, model, extra, optimizer, scheduler, scaler, guard.lr_factor)
-    _set_rng_state(good.rng)
+    restart = start is not None and state.epoch > 0 and bool(done) and done[-1]["to_epoch"] == state.epoch
+    target, from_epoch = (start if restart else good), state.epoch
+    lrs = roll_back(target, model, extra, optimizer, scheduler, scaler, guard.lr_factor)
+    _set_rng_state(target.rng)
+    if restart:
+        state.epoch, state.best_acc, state.best_epoch, state.since_best = 0, -1.0, 0, 0
+        state.history = []
     state.steps_at_rollback = scheduler.last_epoch
     event = {"epoch": epoch, "action": "rollback", "reason": f"{why.reason} at epoch {epoch}"
              f"{why.facts.get('where', '')}", "to_epoch": state.epoch, "lr_factor": guard.lr_factor,
              "peak_lr": lrs[0]}
+    if restart:
+        event.update(restart=True, from_epoch=from_epoch)
     state.guard_events.append(event)
     if main:
-        console.print(f"  [yellow]{label}: {event['reason']}: rolled back to epoch {state.epoch}, peak lr now "
-                      f"{lrs[0]:.3g}[/]", highlight=False)
+        where = ("restarted from the start (the epoch it rolled back to before diverged again)" if restart
+                 else f"rolled back to epoch {state.epoch}")
+        console.print(f"  [yellow]{label}: {event['reason']}: {where}, peak lr now {lrs[0]:.3g}[/]",
+                      highlight=False)
+    return restart
 
 
 def _train_one_epoch(model, objective, extra_params, optimizer, scheduler, scaler, config, train_x, train_y,
