@@ -142,9 +142,12 @@ def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "name: tiny\ndata: {dataset: digits, image_size: 8, batch_size: 64}\n"
         "teacher: {model: mlp, train: {epochs: 500}}\n")
+    # a shell without job control starts background commands with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the run a terminal's default, as a user's shell does
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", "compress", "r.yaml", "--out", "run"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     metrics = tmp_path / "run" / "teacher" / "training"
     while time.monotonic() < deadline and not any(metrics.glob("*")):  # training has started
