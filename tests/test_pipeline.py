@@ -136,7 +136,7 @@ stages:
   - prune: {ratio: 0.3, probe: null}
   - distill: {epochs: 2}
   - prune: {ratio: 0.5, probe: null}
-  - distill: {epochs: 2}
+  - distill: {epochs: 6}
 benchmark: null
 gate: null
 """
@@ -177,16 +177,16 @@ def test_repeated_stages_keep_their_own_files_report_data_and_ledger_rows(iterat
     # each stage entry works in its own folder: two prune reports, two training histories
     first, second = (json.loads((out / "stages" / k / "prune.json").read_text()) for k in ("0-prune", "2-prune"))
     assert first["target"] != second["target"] and second["after"]["params"] < first["after"]["params"]
-    for key in ("1-distill", "3-distill"):
+    for key, epochs in (("1-distill", 2), ("3-distill", 6)):
         lines = (out / "stages" / key / "metrics.csv").read_text().splitlines()
-        assert len(lines) == 3 and (out / "stages" / key / "last.pt").is_file(), key  # header + 2 epochs
+        assert len(lines) == 1 + epochs and (out / "stages" / key / "last.pt").is_file(), key  # header + epochs
     assert not (out / "stages" / "prune").exists() and not (out / "stages" / "distill").exists()
     # report data and ledger rows by position; the second prune starts from the first distill's student
     data = manifest["report_data"]
     assert set(data) == {"0-prune", "1-distill", "2-prune", "3-distill"}
     assert data["0-prune"] == first and data["2-prune"] == second
     assert data["2-prune"]["before"] == data["0-prune"]["after"]
-    assert [len(data[k]["history"]) for k in ("1-distill", "3-distill")] == [2, 2]
+    assert [len(data[k]["history"]) for k in ("1-distill", "3-distill")] == [2, 6]
     assert [(r["stage"], r["key"]) for r in manifest["ledger"]] == [
         ("teacher", "teacher"), ("prune", "0-prune"), ("distill", "1-distill"), ("prune", "2-prune"),
         ("distill", "3-distill")]
@@ -206,9 +206,9 @@ def test_repeated_stages_keep_their_own_files_report_data_and_ledger_rows(iterat
 
 
 def test_resume_continues_the_second_distill_from_its_own_checkpoint(iterative_run, tmp_path):
-    """SIGKILL after the second distill's first epoch: --resume continues that stage from its own epoch-1
-    checkpoint (it once read the first distill's: "resuming after epoch 3/2") and ends where an
-    uninterrupted run ends."""
+    """SIGKILL after the second distill's first epoch (or a later one: the poll may be late; the stage has
+    6 epochs so that it is still running): --resume continues that stage from its own checkpoint (it once
+    read the first distill's: "resuming after epoch 3/2") and ends where an uninterrupted run ends."""
     recipe = _iterative_recipe(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", "compress", str(recipe), "--out", str(out)],
@@ -228,7 +228,7 @@ def test_resume_continues_the_second_distill_from_its_own_checkpoint(iterative_r
                     started = time.time() - 0.5
             else:
                 fresh = [p for p in (out / "stages").glob("**/metrics.csv") if p.stat().st_mtime >= started]
-                if any(len(p.read_text().splitlines()) == 2 for p in fresh):
+                if any(len(p.read_text().splitlines()) >= 2 for p in fresh):
                     break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -238,19 +238,20 @@ def test_resume_continues_the_second_distill_from_its_own_checkpoint(iterative_r
         proc.wait()
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["done"] * 4 + ["running"]
-    # the killed stage's epoch is in its own folder; the first distill's two epochs are untouched
-    assert len((out / "stages" / "3-distill" / "metrics.csv").read_text().splitlines()) == 2
+    # the killed stage's epochs are in its own folder; the first distill's two epochs are untouched
+    done = len((out / "stages" / "3-distill" / "metrics.csv").read_text().splitlines()) - 1
+    assert 1 <= done < 6
     assert len((out / "stages" / "1-distill" / "metrics.csv").read_text().splitlines()) == 3
     _assert_outputs_unchanged(out, {"stages": manifest["stages"][:4]})
 
     resumed = _edgekd("compress", str(recipe), "--out", str(out), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "distill: resuming after epoch 1/2" in resumed.stderr, resumed.stderr[-3000:]
+    assert f"distill: resuming after epoch {done}/6" in resumed.stderr, resumed.stderr[-3000:]
     assert "skip 1-distill" in resumed.stderr and "skip 2-prune" in resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     _assert_outputs_unchanged(out, manifest)
     data = manifest["report_data"]
-    assert data["3-distill"]["resumed_from_epoch"] == 1 and data["1-distill"]["resumed_from_epoch"] is None
+    assert data["3-distill"]["resumed_from_epoch"] == done and data["1-distill"]["resumed_from_epoch"] is None
     # the same ledger and histories as the uninterrupted run (the trainer resumes bit for bit)
     reference = json.loads((iterative_run / "manifest.json").read_text())
     assert manifest["ledger"] == reference["ledger"]
