@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools._compress import run_compress  # noqa: E402
 
 #: case name -> the teacher's factory
 CASES = {
@@ -122,18 +122,11 @@ def run_case(name: str, out: Path, args: argparse.Namespace) -> CaseResult:
                                                 distill_extra=args.distill, teacher_extra=args.teacher),
                                      sort_keys=False))
     run_dir = folder / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "edgekd", "compress", str(recipe), "--out", str(run_dir)]
-    if args.nice:
-        command = ["nice", "-n", str(args.nice), *command]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-        result.exit_code = done.returncode
-        (folder / "stderr.log").write_text(done.stderr)
-    except subprocess.TimeoutExpired:
-        result.exit_code, result.error = 124, f"timed out after {args.timeout} s"
-    result.seconds = round(time.perf_counter() - started, 1)
+    run = run_compress(recipe, run_dir, nice=args.nice, timeout=args.timeout)
+    result.exit_code, result.seconds = run.exit_code, run.seconds
+    (folder / "stderr.log").write_text(run.stderr)
+    if run.exit_code == 124:
+        result.error = f"timed out after {args.timeout} s"
     read_run(result, run_dir)
     if result.exit_code not in (0, 3) and result.error is None and (folder / "stderr.log").is_file():
         lines = [ln for ln in (folder / "stderr.log").read_text().splitlines() if ln.strip()]

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekd.report.schema import stage_data_of  # noqa: E402
 from tests.zoo_models import ZOO, ZooModel  # noqa: E402
+from tools._compress import run_compress  # noqa: E402
 
 #: the recipe's stages, in run order, as the manifest names them ("1-prune", ...)
 STAGES = ("teacher", "prune", "distill", "export", "quantize", "benchmark")
@@ -189,19 +189,8 @@ def run_one(zoo: ZooModel, out: Path, args: argparse.Namespace) -> ZooResult:
         import shutil
 
         shutil.rmtree(run_dir)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "edgekd", "compress", str(recipe), "--out", str(run_dir)]
-    if args.nice:
-        command = ["nice", "-n", str(args.nice), *command]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-        result.exit_code, stderr, stdout = done.returncode, done.stderr, done.stdout
-    except subprocess.TimeoutExpired as exc:
-        result.exit_code = 124
-        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-    result.seconds = round(time.perf_counter() - started, 1)
+    run = run_compress(recipe, run_dir, nice=args.nice, timeout=args.timeout)
+    result.exit_code, result.seconds, stdout, stderr = run.exit_code, run.seconds, run.stdout, run.stderr
     (folder / "stdout.log").write_text(stdout)
     (folder / "stderr.log").write_text(stderr)
     result.run_dir = str(run_dir)
