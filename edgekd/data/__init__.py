@@ -89,6 +89,7 @@ def load_data(cfg, seed: int = 0) -> DataBundle:
         input_shape=tuple(int(s) for s in x.shape[1:]),
         name=cfg.dataset,
         normalization=normalization,
+        batch_size=cfg.batch_size,
     )
 
 

@@ -29,6 +29,9 @@ class DataBundle:
     #: per-channel mean/std subtracted/divided before the model; deployed models expect the same
     normalization: dict[str, list[float]] | None = None
     test: TensorDataset | None = None
+    #: the recipe's ``data.batch_size``: the training batch of every trainer (teacher, distill, finetune)
+    #: whose own ``train`` block sets none; None falls back to the trainer's default (64)
+    batch_size: int | None = None
 
     def describe(self) -> dict:
         return {"dataset": self.name, "train_samples": len(self.train), "val_samples": len(self.val),
@@ -36,7 +39,7 @@ class DataBundle:
                 "splits": {"val": "decisions: best epoch, early stopping, quantize tolerance, prune search",
                            "test": "reported accuracy and the gate"},
                 "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-                "normalization": self.normalization}
+                "batch_size": self.batch_size, "normalization": self.normalization}
 
     @property
     def train_x(self) -> torch.Tensor:

@@ -16,7 +16,6 @@ criterion). Three of its "how many" rules give slow or broken models, so they ar
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from edgekd.distill.hooks import close_names_hint, find_layer
 from edgekd.errors import ModelError
-from edgekd.models.adapter import LogitsAdapter
 from edgekd.prune.attention import SplitHeadAttention, split_attention_heads
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.graph_rules import (
@@ -89,25 +88,9 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     raise ModelError(f"{type(model).__name__} has no Linear or Conv layer to prune")
 
 
-def _candidate_names(model: nn.Module, name: str) -> list[str]:
-    """A user names layers in their own model; a ``LogitsAdapter`` adds a ``model.`` prefix."""
-    return [name, f"model.{name}"] if isinstance(model, LogitsAdapter) else [name]
-
-
-def resolve_layer(model: nn.Module, name: str) -> nn.Module | None:
-    modules = dict(model.named_modules())
-    return next((modules[c] for c in _candidate_names(model, name) if c in modules), None)
-
-
-def unknown_layer_hint(model: nn.Module, name: str) -> str:
-    names = [n for n, _ in model.named_modules() if n]
-    if isinstance(model, LogitsAdapter):
-        names = [n.removeprefix("model.") for n in names]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    if close:
-        return f"did you mean {' or '.join(repr(c) for c in close)}?"
-    shown = [n for n in names if "." not in n][:12]
-    return f"top-level modules are: {', '.join(shown)}"
+# one resolver of user layer names for pruning and distillation (a ``LogitsAdapter`` adds ``model.``)
+resolve_layer = find_layer
+unknown_layer_hint = close_names_hint
 
 
 # -- layer widths for the report -------------------------------------------------------------
