@@ -316,6 +316,47 @@ def test_early_stopping_on_validation_accuracy(digits8, tmp_path):
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
 
 
+@pytest.mark.parametrize("keep", ["best_val_accuracy", "best_val_loss", "last"])
+def test_keep_picks_the_epoch_by_its_rule_on_the_val_split(digits8, tmp_path, keep):
+    # a constant, high lr: val top-1 and val loss move every epoch, and not together
+    config = TrainConfig(epochs=5, lr=0.3, schedule="constant", warmup_epochs=0, keep=keep, guard={"enabled": False})
+    model = small_mlp()
+    result = fit(model, CrossEntropyObjective(), digits8, config, tmp_path, device=CPU)
+    accs = [row["val_accuracy"] for row in result.history]
+    losses = [row["val_loss"] for row in result.history]
+    expected = {"best_val_accuracy": accs.index(max(accs)) + 1, "best_val_loss": losses.index(min(losses)) + 1,
+                "last": 5}[keep]
+    assert result.best_epoch == expected and result.best_val_accuracy == accs[expected - 1]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == expected
+    for key, value in model.state_dict().items():  # the model ends on the kept epoch's weights
+        torch.testing.assert_close(value, best["model"][key])
+    if keep == "last":
+        last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, last[key])
+
+
+def test_keep_rules_rank_epochs_differently():
+    from edgekd.train.trainer import _keep_score
+
+    # val top-1 peaks at epoch 2 (one lucky sample), val loss is lowest at epoch 3, the run ends at 4
+    history = [(90.0, 0.40), (92.0, 0.35), (91.5, 0.30), (91.0, 0.31)]
+    def kept(keep):
+        scores = [_keep_score(keep, acc, loss, epoch) for epoch, (acc, loss) in enumerate(history, 1)]
+        return scores.index(max(scores)) + 1  # ties keep the earlier epoch, as fit does
+    assert (kept("best_val_accuracy"), kept("best_val_loss"), kept("last")) == (2, 3, 4)
+    assert _keep_score("best_val_loss", 50.0, float("nan"), 1) == float("-inf")
+
+
+def test_keep_last_with_early_stopping_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="early_stopping_patience"):
+        TrainConfig(keep="last", early_stopping_patience=2)
+    assert TrainConfig().concrete(False).keep == "best_val_accuracy"
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_optimizers_and_grad_clip_train(digits8, tmp_path, optimizer):
     config = TrainConfig(epochs=2, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, grad_clip=1.0,

@@ -90,9 +90,9 @@ class TransferSource(StrictModel):
 #: recovery from trained weights (a pruned or copied student): a fine-tuning lr, a short warm-up and (distill)
 #: half the loss on the hard labels. Measured on the quickstart (ResNet-20 w40 pruned 60%, distilled 4 epochs)
 #: and issue 14's Hugging Face MobileNetV2 / ResNet-18 pruned 50% (tools/check_recovery.py): see docs/distill.md.
-FROM_WEIGHTS = {"lr": 0.01, "warmup_epochs": 0.2, "alpha": 0.5}
+FROM_WEIGHTS = {"lr": 0.01, "warmup_epochs": 0.2, "alpha": 0.5, "keep": "best_val_accuracy"}
 #: a student of another architecture starts from random weights: the trainer's own defaults, Hinton's alpha
-FROM_SCRATCH = {"lr": 0.05, "warmup_epochs": 1.0, "alpha": 0.9}
+FROM_SCRATCH = {"lr": 0.05, "warmup_epochs": 1.0, "alpha": 0.9, "keep": "best_val_accuracy"}
 
 
 class _Recovery(TrainConfig):

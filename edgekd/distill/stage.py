@@ -65,7 +65,7 @@ def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.
 
 def training_notes(result: FitResult, objective: Objective, config: TrainConfig) -> dict[str, Any]:
     """The ledger row's notes: how the student was trained, in a few words a report reader needs."""
-    notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+    notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch, "keep": config.keep,
                              "lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip}
     if result.start_val_accuracy is not None:
         notes["val_at_start"] = round(result.start_val_accuracy, 2)
@@ -122,6 +122,7 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
     data: dict[str, Any] = {
         "best_val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
+        "keep": config.keep,  # the rule that chose best_epoch on the val split (TrainConfig.keep)
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "resumed_from_epoch": result.resumed_from_epoch,

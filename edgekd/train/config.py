@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgekd.recipe.base import StrictModel
 from edgekd.train.augment import AugmentConfig
+
+#: which epoch a training run keeps (``TrainConfig.keep``)
+KeepEpoch = Literal["best_val_accuracy", "best_val_loss", "last"]
 
 
 class GuardConfig(StrictModel):
@@ -67,6 +70,11 @@ class TrainConfig(StrictModel):
         None, ge=1, description="stop after this many epochs without a better val accuracy; None = off")
     augment: AugmentConfig | None = Field(
         None, description="random shifts/flips of each training batch; None = the samples as they are")
+    keep: KeepEpoch | None = Field(
+        None, description="which epoch's weights the run ends with, judged on the val split: best_val_accuracy, "
+                          "best_val_loss (smoother on a small val split: cross-entropy moves with every sample's "
+                          "confidence, top-1 only when one flips) or last; null: best_val_accuracy for training "
+                          "from scratch, the recovery stages' own default from trained weights")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="divergence guard (rollback + lower lr)")
     precise_bn: bool | None = Field(
@@ -77,7 +85,15 @@ class TrainConfig(StrictModel):
 
     def concrete(self, from_weights: bool) -> TrainConfig:
         """This config with every default that depends on the start filled in: ``from_weights`` is True
-        when training starts from trained (pruned or copied) weights. Plain training has none."""
+        when training starts from trained (pruned or copied) weights. Plain training keeps the epoch with
+        the best val accuracy."""
+        return self if self.keep is not None else self.model_copy(update={"keep": "best_val_accuracy"})
+
+    @model_validator(mode="after")
+    def _patience_needs_a_best(self) -> TrainConfig:
+        if self.keep == "last" and self.early_stopping_patience is not None:
+            raise ValueError("keep: last ends with the last epoch, so early_stopping_patience (which stops after "
+                             "epochs without a better one) has nothing to compare; drop one of them")
         return self
 
     @property

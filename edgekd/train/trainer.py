@@ -62,6 +62,9 @@ START = "start.pt"
 
 @dataclass
 class FitResult:
+    """What a training run ended with. ``best_val_accuracy`` and ``best_epoch`` describe the epoch the run
+    kept (``TrainConfig.keep``: best val top-1, best val loss, or the last), whose weights the model holds."""
+
     best_val_accuracy: float
     best_epoch: int
     epochs_run: int
@@ -89,8 +92,9 @@ class _State:
     """What changes during training and goes into every checkpoint."""
 
     epoch: int = 0  # epochs finished
-    best_acc: float = -1.0
-    best_epoch: int = 0
+    best_acc: float = -1.0  # val top-1 of the kept epoch
+    best_epoch: int = 0  # the kept epoch
+    best_score: float = -math.inf  # the kept epoch's score under TrainConfig.keep (higher is better)
     since_best: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -346,8 +350,10 @@ def fit(
                     row.update(val_accuracy=val_acc, val_loss=val_loss)
                     state.epoch = epoch
                     state.history.append(row)
-                    if val_acc > state.best_acc:
+                    score = _keep_score(config.keep, val_acc, val_loss, epoch)
+                    if score > state.best_score:
                         state.best_acc, state.best_epoch, state.since_best = val_acc, epoch, 0
+                        state.best_score = score
                         best_weights = _cpu_state(model)
                         if main:
                             atomic_torch_save({"model": best_weights, "epoch": epoch, "val_accuracy": val_acc},
@@ -495,6 +501,7 @@ def _roll_back(why: Diverged, good: Snapshot, start: Snapshot | None, model, ext
     _set_rng_state(target.rng)
     if restart:
         state.epoch, state.best_acc, state.best_epoch, state.since_best = 0, -1.0, 0, 0
+        state.best_score = -math.inf
         state.history = []
     state.steps_at_rollback = scheduler.last_epoch
     event = {"epoch": epoch, "action": "rollback", "reason": f"{why.reason} at epoch {epoch}"
@@ -601,6 +608,15 @@ def _check_step(loss: torch.Tensor, label: str, epoch: int, step: int, optimizer
         raise Diverged(problem, where=f", step {step} (lr {optimizer.param_groups[0]['lr']:.3g})")
 
 
+def _keep_score(keep: str | None, val_acc: float, val_loss: float, epoch: int) -> float:
+    """How good an epoch is under ``TrainConfig.keep`` (higher is better; ties keep the earlier epoch)."""
+    if keep == "last":
+        return float(epoch)
+    if keep == "best_val_loss":
+        return -val_loss if math.isfinite(val_loss) else -math.inf
+    return val_acc
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -617,6 +633,7 @@ def _save_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, state:
         "epoch": state.epoch,
         "best_acc": state.best_acc,
         "best_epoch": state.best_epoch,
+        "best_score": state.best_score,
         "since_best": state.since_best,
         "stopped_early": state.stopped_early,
         "history": state.history,
@@ -642,6 +659,7 @@ def _load_checkpoint(workdir, model, extra, optimizer, scheduler, scaler, label)
     scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
     state = _State(epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
+                   best_score=float(ckpt.get("best_score", ckpt["best_acc"])),
                    since_best=ckpt["since_best"], stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]),
                    start_val_accuracy=ckpt.get("start_val_accuracy"), reference_loss=ckpt.get("reference_loss"),
                    guard_events=list(ckpt.get("guard_events", [])),
