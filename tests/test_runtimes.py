@@ -8,19 +8,21 @@ per format for the whole module. (The pruned ResNet-20 path is covered in test_e
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from edgekd.errors import ConfigError, ModelError, ParityError, RuntimeUnavailableError, StageError
+from edgekd.errors import ConfigError, ModelError, ParityError, StageError
 from edgekd.export.executorch_export import export_pte
 from edgekd.export.onnx_export import export_onnx
 from edgekd.export.ort_format import convert_to_ort
 from edgekd.export.parity import check_parity
 from edgekd.models.portable import save_portable
 from edgekd.models.spec import ModelSpec
-from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime, threadpool_size
+from edgekd.runtimes.executorch_xnnpack import threadpool_size
 from edgekd.runtimes.registry import RUNTIME_FOR_FORMAT, RUNTIMES, get_runtime, runtime_for_format
 from edgekd.runtimes.torch_eager import TorchRuntime
 from tests.training import train_briefly
@@ -61,28 +63,48 @@ def artifacts(model, signals, tmp_path_factory):
     return paths
 
 
-def test_registry_names_formats_and_extras():
-    assert set(RUNTIMES) == {"torch", "onnxruntime", "ort-mobile", "executorch"}
-    assert {name: cls.fmt for name, cls in RUNTIMES.items()} == {
-        "torch": "torch", "onnxruntime": "onnx", "ort-mobile": "ort", "executorch": "pte"}
-    assert set(RUNTIME_FOR_FORMAT) == {"torch", "onnx", "ort", "pte"}
-    assert RUNTIMES["executorch"].extra == "mobile"
+def test_each_format_keeps_its_parity_runtime():
+    """Export parity checks use these; another runtime of a format (a second .onnx runner) never replaces them."""
+    assert {fmt: entry.name for fmt, entry in RUNTIME_FOR_FORMAT.items()} == {
+        "torch": "torch", "onnx": "onnxruntime", "ort": "ort-mobile", "pte": "executorch"}
     assert type(runtime_for_format("ort")).name == "ort-mobile"
-    with pytest.raises(ConfigError, match="valid runtimes: torch, onnxruntime, ort-mobile, executorch"):
+    assert type(runtime_for_format("onnx")).name == "onnxruntime"
+    assert RUNTIMES["executorch"].extra == "mobile"
+    with pytest.raises(ConfigError, match=f"valid runtimes: {', '.join(RUNTIMES)}$"):
         get_runtime("tflite")
 
 
-def test_missing_runtime_names_the_extra_in_one_line(monkeypatch):
-    # simulate an environment without ExecuTorch: the class reports itself unavailable
-    monkeypatch.setattr(ExecuTorchRuntime, "available", classmethod(lambda cls: False))
-    with pytest.raises(RuntimeUnavailableError) as info:
-        get_runtime("executorch")
-    assert str(info.value) == "the executorch runtime is not installed: pip install 'edgekd[mobile]'"
+def _without(package: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``package`` cannot be imported (as if not installed)."""
+    blocker = f"import sys; sys.modules[{package!r}] = None\n"  # import and find_spec both see no package
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime", "ort-mobile", "executorch"])
+def test_missing_runtime_names_the_extra_in_one_line(artifacts):
+    proc = _without("executorch", (
+        "from edgekd.errors import RuntimeUnavailableError\n"
+        "from edgekd.runtimes.registry import get_runtime\n"
+        "from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime\n"
+        "for make in (lambda: get_runtime('executorch'),\n"
+        f"             lambda: ExecuTorchRuntime().load({str(artifacts['pte'])!r}, 1)):\n"
+        "    try:\n"
+        "        make()\n"
+        "    except RuntimeUnavailableError as exc:\n"
+        "        print(exc.exit_code, str(exc))\n"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "2 the executorch runtime is not installed: pip install 'edgekd[mobile]'"] * 2
+
+
+@pytest.mark.parametrize("name", RUNTIMES.names())
 def test_each_runtime_round_trips_with_parity(name, model, artifacts, signals):
+    """Coverage over the registry: every runtime loads a real file of its format and matches PyTorch."""
+    entry = RUNTIMES[name]
+    if not entry.available():
+        pytest.skip(f"{entry.missing_hint} (optional)")
     runtime = get_runtime(name)
+    assert type(runtime).name == name and runtime.fmt == entry.fmt and artifacts[entry.fmt].suffix == entry.suffix
     loaded = runtime.load(artifacts[runtime.fmt], threads=1)
     x, y = signals.val_tensors(200)
     result = check_parity(model, loaded, x, atol=1e-4, min_top1_agreement=1.0, label=f"{name} artifact")
@@ -137,12 +159,15 @@ def test_threads_are_really_set(artifacts, signals):
     gc.collect()
 
 
-@pytest.mark.parametrize("fmt", ["torch", "onnx", "ort", "pte"])
-def test_truncated_artifact_is_a_clear_error(fmt, artifacts, tmp_path):
+@pytest.mark.parametrize("name", RUNTIMES.names())
+def test_truncated_artifact_is_a_clear_error(name, artifacts, tmp_path):
+    if not RUNTIMES[name].available():
+        pytest.skip(f"{RUNTIMES[name].missing_hint} (optional)")
+    runtime = get_runtime(name)
+    fmt = runtime.fmt
     data = artifacts[fmt].read_bytes()
     broken = tmp_path / f"broken{artifacts[fmt].suffix}"
     broken.write_bytes(data[: len(data) // 2])
-    runtime = runtime_for_format(fmt)
     # a damaged checkpoint is bad input (exit 2) for the torch runtime, a failed stage for the others
     error, words = (ModelError, "cannot read checkpoint .*broken") if fmt == "torch" else \
         (StageError, f"{runtime.name} cannot load .*broken")
@@ -184,9 +209,6 @@ def test_parity_error_lists_the_numbers(model, artifacts, signals):
 
 def test_running_a_pte_does_not_import_the_executorch_compiler(artifacts, signals):
     """A process that only runs .pte files must not pay for executorch.exir (7 s and ~100 MB here)."""
-    import subprocess
-    import sys
-
     code = ("import sys, numpy as np\n"
             "from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime\n"
             f"model = ExecuTorchRuntime().load({str(artifacts['pte'])!r}, 1)\n"
@@ -202,9 +224,6 @@ def test_running_a_pte_does_not_import_the_executorch_compiler(artifacts, signal
 
 def test_native_stderr_filter_drops_chatter_and_keeps_everything_else():
     """fd-level capture: what a C++ library writes to fd 2 still reaches stderr unless it is chatter."""
-    import subprocess
-    import sys
-
     code = ("import os, sys\n"
             "from edgekd.runtimes.native_log import filtered_native_stderr\n"
             "with filtered_native_stderr():\n"

@@ -10,13 +10,17 @@ runtime and the same validation samples.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 
 from edgekd.recipe.base import StrictModel
+from edgekd.runtimes.registry import RUNTIMES
 
-RuntimeName = Literal["torch", "onnxruntime", "ort-mobile", "executorch"]
+#: the runtimes a recipe may name: a Literal of the registry's names, so an unknown one is refused
+#: with every valid name listed and the JSON Schema gets an enum
+RuntimeName = RUNTIMES.literal()
+#: what ``benchmark.runtimes`` holds when a recipe does not list runtimes
+DEFAULT_RUNTIMES: tuple[str, ...] = tuple(e.name for e in RUNTIMES.values() if e.default)
+_RUNTIME_FILES = ", ".join(f"{e.name}: {e.suffix}" for e in RUNTIMES.values())
 
 
 def _unique(value: list, what: str) -> list:
@@ -33,11 +37,10 @@ _LIMITS = {"threads": 256, "batch_sizes": 4096}
 class BenchmarkConfig(StrictModel):
     """Teacher against student on each runtime: latency, throughput, accuracy, size, memory."""
 
-    runtimes: list[RuntimeName] = Field(
-        default_factory=lambda: ["torch", "onnxruntime", "ort-mobile", "executorch"], min_length=1,
-        description="runtimes to measure on; each times the artifacts of its format (torch: portable .pt, "
-                    "onnxruntime: .onnx, ort-mobile: .ort, executorch: .pte). One that is not installed is "
-                    "skipped with a note")
+    runtimes: list[RuntimeName] = Field(  # type: ignore[valid-type]  (a Literal built from the registry)
+        default_factory=lambda: list(DEFAULT_RUNTIMES), min_length=1,
+        description=f"runtimes to measure on; each times the artifacts of its format ({_RUNTIME_FILES}). "
+                    "One that is not installed is skipped with a note")
     threads: list[int] = Field(default_factory=lambda: [1], min_length=1,
                                description="intra-op thread counts, each measured separately")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,

@@ -24,16 +24,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from edgekd.errors import StageError
+from edgekd.errors import EdgekdError, StageError
+from edgekd.runtimes.registry import RUNTIMES
 
-#: the library each runtime loads models with, imported before the baseline so that the library's
-#: own code and data are not billed to the model
-RUNTIME_LIBRARIES: dict[str, str] = {
-    "torch": "torch",
-    "onnxruntime": "onnxruntime",
-    "ort-mobile": "onnxruntime",
-    "executorch": "executorch.extension.pybindings._C",  # not portable_lib: see runtimes.executorch_xnnpack
-}
+#: the library each runtime loads models with (declared by its registry entry), imported before the
+#: baseline so that the library's own code and data are not billed to the model
+RUNTIME_LIBRARIES: dict[str, str] = {entry.name: entry.library for entry in RUNTIMES.values()}
 _MIB = 1024.0 * 1024.0
 
 
@@ -77,20 +73,15 @@ def _maxrss_mib() -> float:
     return peak / _MIB if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
-def _child(runtime_class: str, path: Path, batch_size: int, threads: int, shape: tuple[int, ...]) -> dict:
+def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple[int, ...]) -> dict:
     import importlib
 
     import numpy as np
 
-    # Import only this runtime's module (not the registry, which imports torch for every runtime):
-    # an ONNX Runtime process on a device holds no torch, so its baseline should not either.
-    module_name, _, class_name = runtime_class.partition(":")
-    if not module_name.startswith("edgekd.runtimes."):
-        raise SystemExit(f"not an edgekd runtime class: {runtime_class}")
-    engine = getattr(importlib.import_module(module_name), class_name)()
-    library = RUNTIME_LIBRARIES.get(engine.name)
-    if library:
-        importlib.import_module(library)
+    # The registry imports no runtime library; creating the runtime imports only its own module
+    # (an ONNX Runtime process on a device holds no torch, so its baseline should not either).
+    engine = RUNTIMES[runtime].create()
+    importlib.import_module(RUNTIME_LIBRARIES[runtime])
     batch = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
     rss_kib = _status_kib("VmRSS")
     hwm_reset = rss_kib is not None and _reset_peak()
@@ -115,14 +106,12 @@ def measure_peak_memory(path: Path, runtime: str, *, batch_size: int, threads: i
     Raises ``StageError`` when the child fails (its last error line is in the message).
     """
     import edgekd
-    from edgekd.runtimes.registry import RUNTIMES
 
-    runtime_cls = RUNTIMES[runtime]
+    RUNTIMES[runtime]  # an unknown name fails here, listing the valid ones, not in the child
     package_root = str(Path(edgekd.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
                                                        if p)}
-    cmd = [sys.executable, "-m", "edgekd.bench.memory", f"{runtime_cls.__module__}:{runtime_cls.__qualname__}",
-           str(path), "--batch", str(batch_size),
+    cmd = [sys.executable, "-m", "edgekd.bench.memory", runtime, str(path), "--batch", str(batch_size),
            "--threads", str(threads), "--shape", ",".join(str(s) for s in sample_shape)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
@@ -137,14 +126,18 @@ def measure_peak_memory(path: Path, runtime: str, *, batch_size: int, threads: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="peak memory of loading and running one model (JSON on stdout)")
-    parser.add_argument("runtime_class", help="module:Class of an edgekd runtime")
+    parser.add_argument("runtime", choices=RUNTIMES.names(), help="an edgekd runtime name")
     parser.add_argument("path", type=Path)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shape", required=True, help="one sample's shape, e.g. 1,32,32")
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
-    print(json.dumps(_child(args.runtime_class, args.path, args.batch, args.threads, shape)))
+    try:
+        print(json.dumps(_child(args.runtime, args.path, args.batch, args.threads, shape)))
+    except EdgekdError as exc:  # one line, which the parent quotes in its StageError, not a traceback
+        print(exc.message if not exc.hint else f"{exc.message} ({exc.hint})", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

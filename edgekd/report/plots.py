@@ -16,10 +16,12 @@ from matplotlib.lines import Line2D
 
 from edgekd.bench.results import BenchmarkResult
 from edgekd.report.schema import Report
+from edgekd.runtimes.registry import RUNTIMES
 
 #: one colour per model label, stable across plots
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "student-int8": "#55A868", "teacher-int8": "#8172B3"}
-MARKERS = {"torch": "o", "onnxruntime": "s", "ort-mobile": "D", "executorch": "^"}
+#: one marker per runtime (declared by its registry entry)
+MARKERS = {entry.name: entry.marker for entry in RUNTIMES.values()}
 
 
 @dataclass

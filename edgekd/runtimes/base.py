@@ -1,18 +1,21 @@
 """One interface for every inference runtime (PyTorch eager, ONNX Runtime, ORT Mobile, ExecuTorch).
 
 The benchmark and the parity checks use only this interface. Each runtime module defines one
-``Runtime`` subclass; ``edgekd.runtimes.registry`` maps recipe names to them.
+``Runtime`` subclass; its entry in ``edgekd.runtimes.registry`` maps the recipe name to it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from edgekd.errors import ArtifactError, StageError
+from edgekd.errors import ArtifactError, RuntimeUnavailableError, StageError
+
+if TYPE_CHECKING:
+    from edgekd.runtimes.registry import RuntimeEntry
 
 
 class LoadedModel(ABC):
@@ -36,19 +39,32 @@ class LoadedModel(ABC):
 
 
 class Runtime(ABC):
-    """A runtime: says if it is installed, loads artifacts, sets threads."""
+    """A runtime: loads artifacts of its format and sets threads.
 
-    #: short stable id used in recipes and reports: "torch", "onnxruntime", "ort-mobile", "executorch"
+    Everything else about it (format, suffix, library, pip extra, plot marker, parity role) is
+    declared by its ``RuntimeEntry`` in ``edgekd.runtimes.registry``, found by ``name``.
+    """
+
+    #: short stable id used in recipes and reports; the key of its ``RuntimeEntry``
     name: ClassVar[str]
-    #: the artifact format it runs: "torch" (portable .pt), "onnx", "ort", "pte"
-    fmt: ClassVar[str]
-    #: the pip extra that installs it, named in the one-line "not installed" message
-    extra: ClassVar[str | None] = None
+
+    @property
+    def entry(self) -> RuntimeEntry:
+        from edgekd.runtimes.registry import RUNTIMES
+
+        return RUNTIMES[self.name]
+
+    @property
+    def fmt(self) -> str:
+        """The artifact format it runs: "torch" (portable .pt), "onnx", "ort", "pte"."""
+        return self.entry.fmt
 
     @classmethod
-    @abstractmethod
     def available(cls) -> bool:
-        """True when the runtime's package imports."""
+        """True when the runtime's package is installed (override to check more, never to import it)."""
+        from edgekd.runtimes.registry import RUNTIMES
+
+        return RUNTIMES[cls.name].package_installed()
 
     @abstractmethod
     def load(self, artifact: Path, threads: int) -> LoadedModel:
@@ -56,6 +72,9 @@ class Runtime(ABC):
 
     # -- helpers shared by the runtime modules ---------------------------------
     def _check_file(self, artifact: Path, threads: int) -> Path:
+        """Refuse a missing package, a thread count below 1 and a missing file, each in one line."""
+        if not self.available():
+            raise RuntimeUnavailableError(self.entry.missing_hint)
         artifact = Path(artifact)
         if threads < 1:
             raise StageError(f"{self.name}: thread count must be at least 1, got {threads}")

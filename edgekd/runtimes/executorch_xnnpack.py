@@ -15,7 +15,6 @@ one is. Load all models for one thread count, run them, drop them, then load for
 from __future__ import annotations
 
 import functools
-import importlib.util
 import weakref
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from edgekd.errors import RuntimeUnavailableError, StageError
+from edgekd.errors import StageError
 from edgekd.runtimes.base import LoadedModel, Runtime
 from edgekd.runtimes.native_log import filtered_native_stderr
 
@@ -103,12 +102,6 @@ class ExecuTorchLoadedModel(LoadedModel):
 
 class ExecuTorchRuntime(Runtime):
     name: ClassVar[str] = "executorch"
-    fmt: ClassVar[str] = "pte"
-    extra: ClassVar[str | None] = "mobile"
-
-    @classmethod
-    def available(cls) -> bool:
-        return importlib.util.find_spec("executorch") is not None
 
     def _check_header(self, artifact: Path) -> None:
         """Refuse a file without ExecuTorch's flatbuffer identifier before the C++ loader sees it.
@@ -126,8 +119,6 @@ class ExecuTorchRuntime(Runtime):
                                                "expected b'ET' and a version such as b'ET12')")
 
     def load(self, artifact: Path, threads: int) -> ExecuTorchLoadedModel:
-        if not self.available():
-            raise RuntimeUnavailableError("the executorch runtime is not installed: pip install 'edgekd[mobile]'")
         artifact = self._check_file(artifact, threads)
         self._check_header(artifact)
         set_threadpool_size(threads)  # before loading: the delegate captures the pool at load time

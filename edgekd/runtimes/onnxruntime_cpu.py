@@ -46,16 +46,6 @@ class OrtLoadedModel(LoadedModel):
 
 class OnnxRuntimeCPU(Runtime):
     name: ClassVar[str] = "onnxruntime"
-    fmt: ClassVar[str] = "onnx"
-    extra: ClassVar[str | None] = None  # onnxruntime is a core dependency
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
 
     def session_options(self, threads: int):
         import onnxruntime as ort

@@ -22,7 +22,6 @@ from edgekd.runtimes.onnxruntime_cpu import OnnxRuntimeCPU, OrtLoadedModel
 
 class OrtMobileRuntime(OnnxRuntimeCPU):
     name: ClassVar[str] = "ort-mobile"
-    fmt: ClassVar[str] = "ort"
 
     def session_options(self, threads: int):
         import onnxruntime as ort

@@ -38,12 +38,6 @@ class TorchLoadedModel(LoadedModel):
 
 class TorchRuntime(Runtime):
     name: ClassVar[str] = "torch"
-    fmt: ClassVar[str] = "torch"
-    extra: ClassVar[str | None] = None
-
-    @classmethod
-    def available(cls) -> bool:
-        return True
 
     def load(self, artifact: Path, threads: int) -> TorchLoadedModel:
         """Load an edgekd portable checkpoint (``.pt``, pruned or not) onto the CPU."""
