@@ -100,6 +100,8 @@ RUNTIMES: Registry[RuntimeEntry] = Registry("runtime", [
     RuntimeEntry("executorch", "pte", ".pte", "edgekd.runtimes.executorch_xnnpack:ExecuTorchRuntime",
                  library="executorch.extension.pybindings._C", extra="mobile", marker="^", parity=True,
                  summary="ExecuTorch with XNNPACK"),
+    RuntimeEntry("openvino", "onnx", ".onnx", "edgekd.runtimes.openvino_cpu:OpenVinoRuntime", library="openvino",
+                 extra="openvino", marker="P", default=False, summary="OpenVINO CPU plugin"),
 ])
 
 
