@@ -18,11 +18,14 @@ Layers are module paths as printed by ``model.named_modules()`` (``layer2.0.conv
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, model_validator
 
+from edgekd.distill.losses import AttentionLoss, HintLoss, KDLoss, RKDLoss, TermLoss
 from edgekd.recipe.base import StrictModel
+from edgekd.registry import Registry
 from edgekd.train.config import TrainConfig
 
 
@@ -74,7 +77,44 @@ class RKDTerm(StrictModel):
         return self
 
 
-LossTerm = Annotated[KDTerm | HintTerm | AttentionTerm | RKDTerm, Field(discriminator="kind")]
+@dataclass(frozen=True)
+class LossEntry:
+    """What edgekd knows about one distillation loss kind.
+
+    ``config`` is the recipe term (a ``StrictModel`` whose ``kind`` is ``Literal[name]``), ``loss`` the
+    ``TermLoss`` subclass the objective runs for it. Adding a loss is its config class, its ``TermLoss``
+    (in its own module or ``edgekd.distill.losses``) and one entry in ``LOSSES``: the recipe's
+    ``LossTerm`` union, its JSON Schema and validation errors, and the objective's dispatch follow.
+    """
+
+    name: str
+    config: type[StrictModel]
+    loss: type[TermLoss]
+    #: a few words for docs and errors
+    summary: str
+    #: the term includes the hard-label cross-entropy (without such a term the objective adds it)
+    hard_labels: bool = False
+    #: a recipe may give at most one term of this kind (its weight sets its strength)
+    at_most_one: bool = False
+
+    def __post_init__(self) -> None:
+        # the discriminator value must be the entry's name, or validation and dispatch disagree
+        kind = self.config.model_fields.get("kind")
+        if kind is None or get_args(kind.annotation) != (self.name,):
+            raise ValueError(f"loss {self.name!r}: {self.config.__name__}.kind must be Literal[{self.name!r}]")
+
+
+LOSSES: Registry[LossEntry] = Registry("loss kind", [
+    LossEntry("kd", KDTerm, KDLoss, "Hinton KD on the logits plus hard-label CE", hard_labels=True,
+              at_most_one=True),
+    LossEntry("hint", HintTerm, HintLoss, "FitNets MSE between two named layers (through an adaptor)"),
+    LossEntry("attention", AttentionTerm, AttentionLoss, "attention transfer between two conv layers"),
+    LossEntry("rkd", RKDTerm, RKDLoss, "relational KD: pairwise distances and angles"),
+])
+
+#: one recipe loss term: the union of the registered term configs, picked by ``kind``
+LossTerm = Annotated[Union[tuple(entry.config for entry in LOSSES.values())],  # noqa: UP007 (built from a tuple)
+                     Field(discriminator="kind")]
 
 
 class TransferSource(StrictModel):
@@ -143,8 +183,9 @@ class DistillConfig(_Recovery):
 
     @model_validator(mode="after")
     def _one_kd_term(self) -> DistillConfig:
-        if sum(isinstance(t, KDTerm) for t in self.losses) > 1:
-            raise ValueError("give at most one kd term (its weight sets its strength)")
+        for entry in LOSSES.values():
+            if entry.at_most_one and sum(t.kind == entry.name for t in self.losses) > 1:
+                raise ValueError(f"give at most one {entry.name} term (its weight sets its strength)")
         return self
 
 

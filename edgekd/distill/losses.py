@@ -1,9 +1,14 @@
-"""The distillation losses as plain functions of tensors, and the hint adaptor.
+"""The distillation losses as plain functions of tensors, the hint adaptor, and one ``TermLoss``
+per loss kind (what a ``LossEntry`` in ``edgekd.distill.config.LOSSES`` names).
 
 None of these know about models: the objective feeds them logits and hooked features.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,3 +147,121 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     with torch.no_grad():
         ta = _angles(t)
     return F.smooth_l1_loss(_angles(s), ta)
+
+
+# -- one loss term of a recipe, as the objective runs it --------------------------------------------
+@dataclass(frozen=True)
+class KDSettings:
+    """The ``distill`` section's settings every term may read (the kd term does)."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    standardize: bool = False
+
+
+@dataclass
+class TermInputs:
+    """One step's outputs of both models: logits (N, classes) and the hooked features by layer name
+    (shapes as the layers give them); ``labels`` (N,) with -1 for an input without a label."""
+
+    student_logits: Tensor
+    teacher_logits: Tensor
+    student_features: Mapping[str, Tensor]
+    teacher_features: Mapping[str, Tensor]
+    labels: Tensor
+
+    def student(self, layer: str | None) -> Tensor:
+        """The named student layer's output, or the logits for None."""
+        return self.student_logits if layer is None else self.student_features[layer]
+
+    def teacher(self, layer: str | None) -> Tensor:
+        return self.teacher_logits if layer is None else self.teacher_features[layer]
+
+
+TermValue = tuple[Tensor, dict[str, Tensor]]
+
+
+class TermLoss:
+    """One loss term of a recipe (a ``distill.losses`` item), as the objective computes it.
+
+    A subclass is the ``loss`` of a ``LossEntry`` (``edgekd.distill.config.LOSSES``). It reads the
+    layers ``layers()`` names, may build a training-only module once it knows the feature shapes
+    (``build``: trained with the student, checkpointed, never exported) and returns its unweighted
+    loss and the detached values to log (``__call__``). ``check`` rejects feature shapes the term
+    cannot use (``ValueError``, the stage turns it into a recipe error naming the term).
+    """
+
+    def __init__(self, term: Any, index: int, settings: KDSettings) -> None:
+        self.term, self.index, self.settings = term, index, settings
+        self.module: nn.Module | None = None
+
+    def layers(self) -> tuple[str | None, str | None]:
+        """(student layer, teacher layer) the term reads; None means the model's logits."""
+        return getattr(self.term, "student_layer", None), getattr(self.term, "teacher_layer", None)
+
+    def check(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        """``ValueError`` (with what to change) when the term cannot compare features of these shapes."""
+
+    def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module | None:
+        """The term's trainable module for features of these shapes, or None (the default)."""
+        return None
+
+    def __call__(self, inputs: TermInputs) -> TermValue:
+        raise NotImplementedError
+
+
+class KDLoss(TermLoss):
+    """``kd_loss`` on the logits with the section's temperature, alpha and standardisation."""
+
+    def __call__(self, inputs: TermInputs) -> TermValue:
+        s = self.settings
+        return kd_loss(inputs.student_logits, inputs.teacher_logits, inputs.labels, temperature=s.temperature,
+                       alpha=s.alpha, standardize=s.standardize)
+
+
+def _same_rank(student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+    if len(student_shape) != len(teacher_shape):
+        raise ValueError("needs features of the same rank; pair layers of the same kind (e.g. two conv blocks)")
+
+
+class HintLoss(TermLoss):
+    """``hint_loss`` after the ``HintAdaptor`` that maps the student's feature to the teacher's shape."""
+
+    def check(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        _same_rank(student_shape, teacher_shape)
+        HintAdaptor(student_shape, teacher_shape)  # ValueError for ranks it cannot map
+
+    def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module:
+        return HintAdaptor(student_shape, teacher_shape)
+
+    def __call__(self, inputs: TermInputs) -> TermValue:
+        s_layer, t_layer = self.layers()
+        loss = hint_loss(self.module(inputs.student(s_layer)), inputs.teacher(t_layer))
+        return loss, {f"hint{self.index}": loss.detach()}
+
+
+class AttentionLoss(TermLoss):
+    """``attention_loss`` with the term's exponent ``p``."""
+
+    def check(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        _same_rank(student_shape, teacher_shape)
+        if len(student_shape) < 3:
+            raise ValueError("attention transfer needs spatial feature maps (N, C, H, W); name conv layers or "
+                             "blocks, or use kind: hint")
+
+    def __call__(self, inputs: TermInputs) -> TermValue:
+        s_layer, t_layer = self.layers()
+        loss = attention_loss(inputs.student(s_layer), inputs.teacher(t_layer), self.term.p)
+        return loss, {f"attention{self.index}": loss.detach()}
+
+
+class RKDLoss(TermLoss):
+    """distance_weight·``rkd_distance`` + angle_weight·``rkd_angle`` of the logits or the named layers."""
+
+    def __call__(self, inputs: TermInputs) -> TermValue:
+        s_layer, t_layer = self.layers()
+        s, t = inputs.student(s_layer), inputs.teacher(t_layer)
+        distance, angle = rkd_distance(s, t), rkd_angle(s, t)
+        loss = self.term.distance_weight * distance + self.term.angle_weight * angle
+        i = self.index
+        return loss, {f"rkd{i}_distance": distance.detach(), f"rkd{i}_angle": angle.detach()}

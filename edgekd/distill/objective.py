@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from edgekd.data.bundle import DataBundle
-from edgekd.distill.config import (
-    FROM_SCRATCH,
-    AttentionTerm,
-    DistillConfig,
-    HintTerm,
-    KDTerm,
-    LossTerm,
-    RKDTerm,
-)
+from edgekd.distill.config import FROM_SCRATCH, LOSSES, DistillConfig, LossTerm
 from edgekd.distill.hooks import FeatureTap
-from edgekd.distill.losses import (
-    HintAdaptor,
-    attention_loss,
-    hint_loss,
-    kd_loss,
-    masked_cross_entropy,
-    rkd_angle,
-    rkd_distance,
-)
+from edgekd.distill.losses import KDSettings, TermInputs, TermLoss, masked_cross_entropy
 from edgekd.train.objectives import Batch, LossOutput, Objective
-
-TermValue = tuple[Tensor, dict[str, Tensor]]
 
 #: teacher forward passes while building the cache run on chunks of this many samples
 CACHE_CHUNK = 256
@@ -53,7 +34,15 @@ def term_layers(term: LossTerm) -> tuple[str | None, str | None]:
     return getattr(term, "student_layer", None), getattr(term, "teacher_layer", None)
 
 
+def term_losses(losses: list[LossTerm], settings: KDSettings) -> list[TermLoss]:
+    """The ``TermLoss`` of each recipe term, from its registry entry (``LOSSES[term.kind].loss``)."""
+    return [LOSSES[term.kind].loss(term, i, settings) for i, term in enumerate(losses)]
+
+
 class DistillObjective(Objective):
+    """The student's loss: the weighted sum of the recipe's terms (each run by its ``TermLoss``), plus the
+    hard-label cross-entropy when no term includes it. ``teacher`` returns logits (N, classes)."""
+
     def __init__(self, teacher: nn.Module, losses: list[LossTerm], *, temperature: float = 4.0,
                  alpha: float = 0.9, cache: bool = True, cache_max_mb: float = 1024.0,
                  standardize: bool = False) -> None:
@@ -71,9 +60,8 @@ class DistillObjective(Objective):
         self._teacher_tap: FeatureTap | None = None
         self._teacher_device: torch.device | None = None
         self._teacher_was_training = False
-        self._terms: dict[type, Callable[..., TermValue]] = {
-            KDTerm: self._kd, HintTerm: self._hint, AttentionTerm: self._attention, RKDTerm: self._rkd,
-        }
+        self.terms = term_losses(self.losses, KDSettings(temperature, alpha, standardize))
+        self._adds_ce = not any(LOSSES[t.kind].hard_labels for t in self.losses)
 
     @classmethod
     def from_config(cls, teacher: nn.Module, config: DistillConfig) -> DistillObjective:
@@ -97,25 +85,32 @@ class DistillObjective(Objective):
         self._student_tap = FeatureTap(model, self.student_layers, role="student")
         self._teacher_tap = FeatureTap(self.teacher, self.teacher_layers, role="teacher")
         example = data.example_batch(2).to(device)
-        s_feats, t_feats = self._probe(model, example)
-        for i, term in enumerate(self.losses):
-            if isinstance(term, HintTerm) and str(i) not in self.adaptors:
-                self.adaptors[str(i)] = HintAdaptor(s_feats[term.student_layer].shape,
-                                                    t_feats[term.teacher_layer].shape)
+        probe = self._probe(model, example)
+        t_feats = probe.teacher_features
+        for term in self.terms:
+            key = str(term.index)  # the checkpoint's key of the term's module: kept across resumes
+            if key not in self.adaptors:
+                s_layer, t_layer = term.layers()
+                module = term.build(probe.student(s_layer).shape, probe.teacher(t_layer).shape)
+                if module is not None:
+                    self.adaptors[key] = module
+            term.module = self.adaptors[key] if key in self.adaptors else None
         self.adaptors.to(device)
         self._cache = self._build_cache(data, device, t_feats) if self.use_cache else None
         if not self.use_cache:
             self.cache_info = {"enabled": False, "reason": self._cache_off_reason}
 
-    def _probe(self, model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _probe(self, model: nn.Module, example: Tensor) -> TermInputs:
+        """Both models' logits and hooked features on ``example`` (eval mode, no labels)."""
         was_training = model.training
         try:
             with torch.no_grad():
-                model.eval()(example)
-                self.teacher(example)
+                s_logits = model.eval()(example)
+                t_logits = self.teacher(example)
         finally:
             model.train(was_training)
-        return dict(self._student_tap.features), dict(self._teacher_tap.features)
+        return TermInputs(s_logits, t_logits, dict(self._student_tap.features), dict(self._teacher_tap.features),
+                          labels=torch.full((len(example),), -1, dtype=torch.long, device=example.device))
 
     def _build_cache(self, data: DataBundle, device: torch.device, t_feats: dict[str, Tensor]) -> dict | None:
         n = len(data.train)
@@ -164,41 +159,21 @@ class DistillObjective(Objective):
         s_logits = model(batch.x)
         s_feats = self._student_tap.features
         t_logits, t_feats = self._teacher_outputs(batch)
+        inputs = TermInputs(s_logits, t_logits, s_feats, t_feats, batch.y)
         total = torch.zeros((), device=s_logits.device)
         parts: dict[str, Tensor] = {}
-        for i, term in enumerate(self.losses):
-            loss, logged = self._terms[type(term)](i, term, s_logits, s_feats, t_logits, t_feats, batch.y)
-            total = total + term.weight * loss
+        for term in self.terms:
+            loss, logged = term(inputs)
+            total = total + term.term.weight * loss
             parts.update(logged)
-        if not any(isinstance(t, KDTerm) for t in self.losses):
+        if self._adds_ce:
             ce = masked_cross_entropy(s_logits, batch.y)
             total = total + ce
             parts["ce"] = ce.detach()
         return LossOutput(total=total, logits=s_logits, parts=parts)
 
-    # each term: (unweighted loss, {metric name: detached value})
-    def _kd(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
-        loss, logged = kd_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha,
-                               standardize=self.standardize)
-        return loss, logged
-
-    def _hint(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
-        loss = hint_loss(self.adaptors[str(i)](s_feats[term.student_layer]), t_feats[term.teacher_layer])
-        return loss, {f"hint{i}": loss.detach()}
-
-    def _attention(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
-        loss = attention_loss(s_feats[term.student_layer], t_feats[term.teacher_layer], term.p)
-        return loss, {f"attention{i}": loss.detach()}
-
-    def _rkd(self, i, term, s_logits, s_feats, t_logits, t_feats, y) -> TermValue:
-        s = s_logits if term.student_layer is None else s_feats[term.student_layer]
-        t = t_logits if term.teacher_layer is None else t_feats[term.teacher_layer]
-        distance, angle = rkd_distance(s, t), rkd_angle(s, t)
-        loss = term.distance_weight * distance + term.angle_weight * angle
-        return loss, {f"rkd{i}_distance": distance.detach(), f"rkd{i}_angle": angle.detach()}
-
     def describe(self) -> dict[str, Any]:
         return {"objective": "distill", "temperature": self.temperature, "alpha": self.alpha,
                 "logit_standardization": self.standardize,
                 "losses": [t.model_dump() for t in self.losses], "teacher_cache": self.cache_info,
-                "adaptors": {i: type(a.proj).__name__ for i, a in self.adaptors.items()}}
+                "adaptors": {i: type(getattr(a, "proj", a)).__name__ for i, a in self.adaptors.items()}}
