@@ -16,6 +16,13 @@ ExecuTorch's edge dialect nor XNNPACK takes complex dtypes. The facts say what s
 compute operators XNNPACK runs, with a warning below ``MIN_DELEGATED_SHARE``: operators left on
 ExecuTorch's portable CPU kernels run many times slower (a weight-normalised TCN with 6 of 7
 convolutions outside XNNPACK ran about 60x slower than ONNX Runtime).
+
+- ExecuTorch's ``split_with_sizes_copy`` kernel cannot resize its outputs: a ``torch.split`` or
+  ``.chunk`` on the channel axis (a partial convolution, a chunk-in-two gate) gave a ``.pte`` that
+  ran only at the example batch of 2 ("Attempted to resize a static tensor" at batch 1, 3, 64).
+  Those splits (``torch.split``, ``.chunk``, their ``unsafe_`` forms) are rewritten as slices
+  before lowering (``_SPLITS_AS_SLICES``), which resize with the batch; the values are the same
+  (the slices are the split's sections).
 """
 
 from __future__ import annotations
@@ -35,8 +42,41 @@ from edgekd.fileio import atomic_write_bytes
 
 #: bookkeeping nodes (tuple unpacking, reading a symbolic size) are not computation
 _BOOKKEEPING_OPS = {"getitem", "sym_size"}
+#: copies that only move or re-view memory (a flatten, a channel slice of a split): left on ExecuTorch's
+#: kernels they cost a memcpy, not a slow convolution, so they are counted apart from the share
+_LAYOUT_OPS = {"aten_view_copy_default", "aten_slice_copy_tensor", "aten_squeeze_copy_dims",
+               "aten_squeeze_copy_dim", "aten_unsqueeze_copy_default", "aten_alias_copy_default"}
 #: below this share of compute operators in XNNPACK, the .pte's facts carry a warning
 MIN_DELEGATED_SHARE = 0.8
+
+
+def _split_with_sizes_as_slices(x: torch.Tensor, split_sizes: list[int], dim: int = 0) -> list[torch.Tensor]:
+    """``torch.split(x, sizes, dim)`` as one ``aten.slice`` per section."""
+    sections, start = [], 0
+    for size in split_sizes:
+        sections.append(torch.ops.aten.slice.Tensor(x, dim, start, start + size))
+        start += size
+    return sections
+
+
+def _split_as_slices(x: torch.Tensor, split_size: int, dim: int = 0) -> list[torch.Tensor]:
+    """``torch.split(x, n, dim)`` / ``x.chunk(k, dim)`` as slices (the last section may be shorter)."""
+    length = x.shape[dim]
+    return _split_with_sizes_as_slices(x, [min(split_size, length - s) for s in range(0, length, split_size)], dim)
+
+
+def _chunk_as_slices(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]:
+    """``x.chunk(k, dim)`` (torch.export keeps ``chunk`` whole) as slices of ceil(length / k)."""
+    return _split_as_slices(x, -(-x.shape[dim] // chunks), dim)
+
+
+#: a decomposition table for ``ExportedProgram.run_decompositions``: only the splits, everything else kept
+_SPLITS_AS_SLICES = {torch.ops.aten.split_with_sizes.default: _split_with_sizes_as_slices,
+                     torch.ops.aten.split.Tensor: _split_as_slices,
+                     torch.ops.aten.unsafe_split_with_sizes.default: _split_with_sizes_as_slices,
+                     torch.ops.aten.unsafe_split.Tensor: _split_as_slices,
+                     torch.ops.aten.chunk.default: _chunk_as_slices,
+                     torch.ops.aten.unsafe_chunk.default: _chunk_as_slices}
 
 
 @contextlib.contextmanager
@@ -53,14 +93,21 @@ def _require_executorch() -> None:
 
 
 def delegation_facts(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
-    """How many compute nodes went to XNNPACK, and which operators stayed on ExecuTorch's CPU kernels."""
+    """How many compute nodes went to XNNPACK, and which operators stayed on ExecuTorch's CPU kernels.
+
+    ``delegated_share`` = delegated / (delegated + non-delegated) compute nodes; views, slices and
+    squeezes (``_LAYOUT_OPS``) are counted apart in ``layout_ops``."""
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(graph_module)
     delegated: Counter[str] = Counter()
     kept: Counter[str] = Counter()
+    layout: Counter[str] = Counter()
     for op, row in info.delegation_by_operator.items():
         if op in _BOOKKEEPING_OPS:
+            continue
+        if op in _LAYOUT_OPS:
+            layout[op] += row.delegated + row.non_delegated
             continue
         if row.delegated:
             delegated[op] += row.delegated
@@ -76,6 +123,7 @@ def delegation_facts(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
         "delegated_share": share,
         "delegated_ops": dict(sorted(delegated.items())),
         "non_delegated_ops": dict(sorted(kept.items())),
+        "layout_ops": dict(sorted(layout.items())),  # not in the share, delegated or not
         "warnings": [],
     }
     if share is not None and share < MIN_DELEGATED_SHARE:
@@ -128,6 +176,8 @@ def export_pte(model: nn.Module, example: torch.Tensor, path: Path, *, dynamic_b
         except Exception as exc:  # torch.export raises UserError, Unsupported, GuardOnDataDependent...
             raise StageError(f"torch.export could not capture the model for ExecuTorch: {whole_cause(exc)}",
                              hint="make the model traceable (no data-dependent Python control flow)") from exc
+        if any(node.target in _SPLITS_AS_SLICES for node in program.graph.nodes):
+            program = program.run_decompositions(_SPLITS_AS_SLICES)
         try:
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             facts = delegation_facts(edge.exported_program().graph_module)
