@@ -1,4 +1,4 @@
-"""The ``edgekd`` command line. Thin: every command calls the library; only here do we exit.
+"""The ``edgekd`` command line. Thin: every command calls the Python API (``edgekd.api``); only here do we exit.
 
 Every expected failure is an ``EdgekdError``; ``main`` prints it as one clear message and
 exits with its code (2 for bad input, 3 for a failed accuracy gate, 1 otherwise) without a
@@ -45,30 +45,24 @@ def compress(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out (or the newest run)")] = False,
 ) -> None:
     """Run a recipe end to end: teacher, student, stages, benchmark, report."""
-    from edgekd.pipeline.runner import Runner
-    from edgekd.pipeline.validate import validate_document
-    from edgekd.recipe.load import load_recipe
+    from edgekd.api import compress as run
 
-    doc = load_recipe(recipe, set_)
-    validate_document(doc)
-    result = Runner(doc.recipe, out=out, resume=resume, console=err_console).run()
+    result = run(recipe, overrides=set_ or (), out=out, resume=resume, console=err_console)
     if result.report is not None:
-        from edgekd.report.gate import check_gate
+        from edgekd.report.gate import raise_for_gate
         from edgekd.report.summary import print_summary
 
         print_summary(result.report, out_console)
         out_console.print(f"run directory: {result.run_dir}")
-        if doc.recipe.gate is not None:
-            check_gate(result.report, doc.recipe.gate)
+        raise_for_gate(result.report)  # the report's verdict: exit 3 when it failed
 
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe without training: schema, data, models, layer names."""
-    from edgekd.pipeline.validate import validate_document
-    from edgekd.recipe.load import load_recipe
+    from edgekd.api import validate as check
 
-    summary = validate_document(load_recipe(recipe, set_))
+    summary = check(recipe, overrides=set_ or ())
     out_console.print(f"[green]ok[/] {recipe}: {summary.dataset} ({summary.train_samples} train / "
                       f"{summary.val_samples} val, {summary.num_classes} classes, input {summary.input_shape}); "
                       f"stages: {', '.join(summary.stages) or 'none'}")
@@ -94,12 +88,9 @@ def export(
     factory: FactoryOpt = None,
 ) -> None:
     """Export a model checkpoint to ONNX, ORT Mobile (.ort) or ExecuTorch (.pte), verified for parity."""
-    from edgekd.errors import ConfigError
-    from edgekd.export.command import export_model
+    from edgekd.api import export as export_file
 
-    if to not in ("onnx", "ort", "pte"):
-        raise ConfigError(f"--to {to!r} is not a known format", hint="valid choices: onnx, ort, pte")
-    written = export_model(model, to, out, opset=opset, atol=atol, rtol=rtol, factories=factory or ())
+    written = export_file(model, to, out=out, opset=opset, atol=atol, rtol=rtol, factories=factory or ())
     out_console.print(f"wrote {written}")
 
 
@@ -113,10 +104,10 @@ def benchmark(
     factory: FactoryOpt = None,
 ) -> None:
     """Time a model (and optionally its teacher, interleaved) on its runtime."""
-    from edgekd.bench.command import benchmark_files
+    from edgekd.api import benchmark as time_files
 
-    benchmark_files(model, against, threads=threads, batch_sizes=batch_sizes, out=out, console=out_console,
-                    factories=factory or ())
+    time_files(model, against=against, threads=threads, batch_sizes=batch_sizes, out=out, console=out_console,
+               factories=factory or ())
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,24 @@ def test_distill_and_prune_resolve_layer_names_alike(factory):
         distill_resolve(student, "cnv", role="student")
     assert "'conv'" in err.value.hint and "model." not in err.value.hint
 
+
+
+def test_the_report_evaluates_the_gate_once_and_refuses_a_damaged_one(tmp_path):
+    """The gate is evaluated in one place, ``build_report``: with the running recipe's gate when the runner
+    passes it, else the one the manifest recorded; a gate section that does not validate is an error naming
+    the file (it was dropped silently, leaving a report without its gate)."""
+    from edgekd.bench.config import GateConfig
+    from edgekd.errors import ConfigError
+    from edgekd.report.build import build_report
+
+    manifest = {"name": "r", "stages": [], "teacher": {"test_accuracy": 90.0},
+                "ledger": [{"stage": "distill", "test_accuracy": 88.5}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "recipe.yaml").write_text("gate:\n  max_accuracy_drop: lots\n")
+    with pytest.raises(ConfigError, match="recipe.yaml: gate"):
+        build_report(tmp_path)
+    report = build_report(tmp_path, GateConfig(max_accuracy_drop=1.0))
+    assert report.gate is not None and not report.gate.passed and report.gate.worst.drop == pytest.approx(1.5)
+    # a run of this version records its gate in the manifest; the report reads it from there
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "gate": {"max_accuracy_drop": 2.0}}))
+    assert build_report(tmp_path).gate.passed

@@ -147,14 +147,16 @@ def test_report_command_renders_again_from_the_files(run, tmp_path):
 
 def test_gate_passes_or_raises_exit_code_3(run):
     _, out = run
-    report = build_report(out)
-    worst = report.worst_drop()
-    from edgekd.report.gate import check_gate
+    worst = build_report(out).worst_drop()
+    from edgekd.report.gate import raise_for_gate
 
-    assert check_gate(report, None) is None and check_gate(report, GateConfig()) is None
-    assert check_gate(report, GateConfig(max_accuracy_drop=min(100.0, worst.drop + 0.5))).passed
+    # the report carries the one verdict (build_report evaluates the gate it is given, or the run's own);
+    # raise_for_gate only reads it
+    assert build_report(out, GateConfig()).gate is None and raise_for_gate(build_report(out, GateConfig())) is None
+    assert build_report(out).gate.max_accuracy_drop == 0.0  # the run's own gate, from its manifest
+    assert raise_for_gate(build_report(out, GateConfig(max_accuracy_drop=min(100.0, worst.drop + 0.5)))).passed
     with pytest.raises(GateFailedError) as info:
-        check_gate(report, GateConfig(max_accuracy_drop=max(0.0, worst.drop - 0.5)))
+        raise_for_gate(build_report(out, GateConfig(max_accuracy_drop=max(0.0, worst.drop - 0.5))))
     assert info.value.exit_code == 3 and "accuracy gate failed" in str(info.value)
 
 

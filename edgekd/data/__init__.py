@@ -49,11 +49,11 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return train, val
 
 
-def _hold_out(cfg, seed: int):
+def _hold_out(cfg, seed: int, datasets=None):
     """(train, val, test) as (x, y) pairs: the source's own splits where it has them, the rest held out
     of its samples. Within each class test is cut before val, so changing val_fraction never moves a
     test sample."""
-    arrays = load_arrays(cfg)
+    arrays = load_arrays(cfg, datasets)
     x, y, test, val = arrays.x, arrays.y, arrays.test, arrays.val
     if test is None:
         tr, te, va = stratified_splits(y, (cfg.test_fraction, cfg.val_fraction), seed)
@@ -64,10 +64,11 @@ def _hold_out(cfg, seed: int):
     return (x, y), val, test
 
 
-def load_data(cfg, seed: int = 0) -> DataBundle:
+def load_data(cfg, seed: int = 0, datasets=None) -> DataBundle:
     """The recipe's data as train/val/test tensors, normalised with the training split's statistics.
-    Raises ``DataError`` for an empty split."""
-    (x, y), (xv, yv), (xt, yt) = _hold_out(cfg, seed)
+    ``datasets``: for ``dataset: memory``, the (train, test) or (train, val, test) splits a Python caller
+    passed. Raises ``DataError`` for an empty split or datasets given to another source."""
+    (x, y), (xv, yv), (xt, yt) = _hold_out(cfg, seed, datasets)
     sizes = {"train": len(x), "val": len(xv), "test": len(xt)}
     if min(sizes.values()) == 0:
         raise DataError(f"dataset {cfg.dataset} gave an empty split ({', '.join(f'{v} {k}' for k, v in sizes.items())})",

@@ -74,6 +74,18 @@ class FactoryData(_Common):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class InMemoryData(_Common):
+    """Datasets held in memory by a Python caller: ``edgekd.compress(recipe, data=(train, test))`` or
+    ``(train, val, test)``, each a torch ``Dataset`` of (x, y) or an ``(x, y)`` pair of tensors/arrays.
+    val is held out of train when two are given. A recipe run by the CLI has no such data to read."""
+
+    dataset: Literal["memory"]
+    # the samples as given: a teacher module passed with them was trained on them as they are, and
+    # standardising them here would feed it inputs it never saw (a digits CNN fell from 95% to 27%)
+    normalize: bool = Field(False, description="standardise inputs with the training split's per-channel "
+                                               "mean/std (off: the caller's tensors are used as given)")
+
+
 DataConfig = Annotated[
-    DigitsData | Mnist1dData | NpzData | ImageFolderData | FactoryData, Field(discriminator="dataset")
+    DigitsData | Mnist1dData | NpzData | ImageFolderData | FactoryData | InMemoryData, Field(discriminator="dataset")
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekd.data.config import DigitsData, FactoryData, ImageFolderData, Mnist1dData, NpzData
+from edgekd.data.config import DigitsData, FactoryData, ImageFolderData, InMemoryData, Mnist1dData, NpzData
 from edgekd.errors import DataError
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -153,12 +153,34 @@ def load_imagefolder_arrays(cfg: ImageFolderData) -> Arrays:
 
 
 def _to_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(x float32 (N, ...), y int64 (N,)) of a split: an ``(x, y)`` pair of tensors/arrays, a
+    ``TensorDataset``, or any dataset whose items are (x, y)."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(hasattr(a, "shape") for a in dataset):
+        x, y = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in dataset)
+        return np.ascontiguousarray(x, dtype=np.float32), np.asarray(y).astype(np.int64, copy=False)
+    if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
+        return _to_arrays(tuple(dataset.tensors))
     xs, ys = [], []
     for i in range(len(dataset)):
         x, y = dataset[i]
         xs.append(np.asarray(x, dtype=np.float32))
         ys.append(int(y))
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def _splits_to_arrays(result, what: str) -> Arrays:
+    """(train, test) or (train, val, test) splits as ``Arrays``; ``what`` names them in errors."""
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
+        raise DataError(f"{what} must be (train, test) or (train, val, test) datasets, got {type(result).__name__}",
+                        hint="val is held out of train (data.val_fraction) when two are given")
+    try:
+        splits = [_to_arrays(d) for d in result]
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{what}: a split is not a dataset of (x, y) samples or an (x, y) pair: {exc}",
+                        hint="give torch Datasets whose items are (input tensor, class index), or (x, y) "
+                             "tensors") from exc
+    x, y = splits[0]
+    return Arrays(x, y, test=splits[-1], val=splits[1] if len(splits) == 3 else None)
 
 
 def load_factory_arrays(cfg: FactoryData) -> Arrays:
@@ -170,12 +192,16 @@ def load_factory_arrays(cfg: FactoryData) -> Arrays:
         raise
     except Exception as exc:
         raise DataError(f"data factory {cfg.factory} failed: {exc}") from exc
-    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
-        raise DataError(f"data factory {cfg.factory} must return (train, test) or (train, val, test) datasets",
-                        hint="val is held out of train (data.val_fraction) when the factory gives two")
-    splits = [_to_arrays(d) for d in result]
-    x, y = splits[0]
-    return Arrays(x, y, test=splits[-1], val=splits[1] if len(splits) == 3 else None)
+    return _splits_to_arrays(result, f"data factory {cfg.factory}")
+
+
+def load_memory_arrays(cfg: InMemoryData, datasets=None) -> Arrays:
+    """The datasets a Python caller passed (``edgekd.compress(data=...)``)."""
+    if datasets is None:
+        raise DataError("dataset: memory reads datasets passed from Python (edgekd.compress(recipe, data=(train, "
+                        "test))), and none were passed",
+                        hint="name a source the CLI can read (digits, mnist1d, npz, imagefolder, factory)")
+    return _splits_to_arrays(datasets, "data=")
 
 
 LOADERS: dict[type, Callable[..., Arrays]] = {
@@ -187,14 +213,23 @@ LOADERS: dict[type, Callable[..., Arrays]] = {
 }
 
 
-def load_arrays(cfg) -> Arrays:
-    """The source's arrays, checked (``check_arrays``) before anything trains on them."""
-    arrays = LOADERS[type(cfg)](cfg)
+def load_arrays(cfg, datasets=None) -> Arrays:
+    """The source's arrays, checked (``check_arrays``) before anything trains on them. ``datasets``: the
+    in-memory splits of ``dataset: memory`` (and only of it)."""
+    if isinstance(cfg, InMemoryData):
+        arrays = load_memory_arrays(cfg, datasets)
+    elif datasets is not None:
+        raise DataError(f"datasets were passed from Python but the recipe's data section reads {cfg.dataset}",
+                        hint="set data.dataset to memory (edgekd.compress does this when it is given data=)")
+    else:
+        arrays = LOADERS[type(cfg)](cfg)
     check_arrays(arrays, describe_source(cfg))
     return arrays
 
 
 def describe_source(cfg) -> str:
+    if isinstance(cfg, InMemoryData):
+        return "the datasets passed to edgekd.compress"
     return str(getattr(cfg, "path", None) or getattr(cfg, "factory", None) or type(cfg).__name__)
 
 

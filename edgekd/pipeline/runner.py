@@ -1,4 +1,4 @@
-"""Run a recipe: teacher → student → stages in order → benchmark → report → gate.
+"""Run a recipe: teacher → student → stages in order → benchmark → report with the gate's verdict.
 
 After each step the manifest records its status, duration and output hashes, and the student
 is saved in the portable format, so ``--resume`` restarts after the last finished step and a
@@ -48,9 +48,40 @@ from edgekd.train.guard import at_chance
 
 @dataclass
 class RunResult:
+    """What a run produced: its folder, its manifest and its report (``edgekd.report.schema.Report``:
+    ledger, artifacts, benchmark, accuracy drops, and the gate's verdict in ``report.gate``). ``report`` is
+    None only on the non-main ranks of a torchrun run, which write no report."""
+
     run_dir: Path
     manifest: dict[str, Any]
     report: Any = None
+
+    @property
+    def gate(self) -> Any:
+        """The gate's verdict (``GateResult``: ``passed``, ``message``, the ``worst`` drop), None without a gate."""
+        return self.report.gate if self.report is not None else None
+
+    @property
+    def passed(self) -> bool:
+        """False only when the recipe has a gate and the student failed it."""
+        return self.gate is None or bool(self.gate.passed)
+
+    @property
+    def report_files(self) -> dict[str, Path]:
+        """``{"json"|"markdown"|"html": path}`` of the report files the run wrote."""
+        from edgekd.report.build import REPORT_FILES
+
+        return {kind: self.run_dir / name for kind, name in REPORT_FILES.items() if (self.run_dir / name).is_file()}
+
+    @property
+    def student(self) -> Path | None:
+        """The portable checkpoint of the final student (``student/after-<last step>.pt``), if any."""
+        done = [s["key"] for s in self.manifest.get("stages", [])[1:] if s.get("status") == "done"]
+        for key in reversed(done):
+            path = self.run_dir / "student" / f"after-{key}.pt"
+            if path.is_file():
+                return path
+        return None
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +120,8 @@ def _new_manifest(recipe: Recipe, steps: list[tuple[str, Stage | None]]) -> dict
         #: each step's report data by position key ("0-prune", "0-prune/<other name>", "benchmark")
         "report_data": {},
         "teacher": {},
+        #: the validated recipe's gate section; the report reads it when it is rendered again
+        "gate": recipe.gate.model_dump(mode="json") if recipe.gate is not None else None,
     }
 
 
@@ -119,9 +152,20 @@ def _add_test_accuracy(ctx: RunContext, rows: list[LedgerRow]) -> None:
 
 
 class Runner:
+    """Runs a validated recipe in a run directory (``out``, or ``runs_root/<name>/<time>``).
+
+    ``teacher``: a trained module that replaces the recipe's checkpoint/training (Python API);
+    ``datasets``: the (train, test) or (train, val, test) splits of ``data: {dataset: memory}``.
+    ``run()`` returns a ``RunResult`` whose report holds the gate's verdict; it never raises for a
+    failed gate (the CLI turns one into exit code 3).
+    """
+
     def __init__(self, recipe: Recipe, *, out: Path | None = None, resume: bool = False,
-                 console: Console | None = None, runs_root: Path = Path("runs")) -> None:
+                 console: Console | None = None, runs_root: Path = Path("runs"),
+                 teacher: torch.nn.Module | None = None, datasets: Any = None) -> None:
         self.recipe = recipe
+        self.teacher = teacher
+        self.datasets = datasets
         self.resume = resume
         self.console = console or Console(stderr=True)
         self.run_dir = RunDir.choose(recipe.name, out, resume, runs_root)
@@ -160,7 +204,7 @@ class Runner:
                 resolved = self.recipe.model_dump(mode="json", by_alias=True)
                 atomic_write_text(self.run_dir.path / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
             seed_everything(self.recipe.seed)
-            data = load_data(self.recipe.data, self.recipe.seed)
+            data = load_data(self.recipe.data, self.recipe.seed, self.datasets)
             self.manifest["data"] = data.describe()
             self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
                                f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
@@ -194,7 +238,7 @@ class Runner:
         self._save()
         try:
             teacher, info = prepare_teacher(self.recipe, data, self.run_dir.path, device,
-                                            resume=self.resume)
+                                            resume=self.resume, given=self.teacher)
         except BaseException as exc:
             self._fail(record, started, exc)
             raise
@@ -314,4 +358,5 @@ class Runner:
             return None
         from edgekd.report.build import write_all_reports
 
-        return write_all_reports(self.run_dir.path)
+        # the one evaluation of the gate: the running recipe's, filed in the report
+        return write_all_reports(self.run_dir.path, self.recipe.gate)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgekd.data.bundle import DataBundle
-from edgekd.models.checkpoint import load_checkpoint
+from edgekd.models.checkpoint import load_checkpoint, load_state_dict_checked
 from edgekd.models.fold import fold_weight_norm
 from edgekd.models.portable import load_portable, save_portable
 from edgekd.models.spec import ModelSpec
@@ -24,16 +24,36 @@ def teacher_spec(recipe: Recipe) -> ModelSpec:
     return ModelSpec(model=t.model, factory=t.factory, kwargs=t.kwargs)
 
 
+#: where a teacher module passed from Python comes from, in errors and the manifest
+GIVEN_TEACHER = "the teacher module passed to edgekd.compress"
+
+
+def load_given_teacher(recipe: Recipe, given: nn.Module, num_classes: int,
+                       input_shape: tuple[int, ...]) -> nn.Module:
+    """The recipe's teacher architecture holding ``given``'s weights (the caller's module is not touched).
+
+    Rebuilt from the spec, not used as is, because every saved model of a run is rebuilt from its spec
+    (the export stage's child process, ``--resume``, ``edgekd export``): a module whose weights do not fit
+    the recipe's ``teacher.model``/``factory`` raises ``ModelError`` now, not at export."""
+    model = teacher_spec(recipe).build(num_classes, input_shape)
+    load_state_dict_checked(model, given.state_dict(), GIVEN_TEACHER)
+    return model
+
+
 def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: torch.device,
-                    resume: bool) -> tuple[nn.Module, dict]:
-    """Return the teacher in eval mode and facts about how it was obtained."""
+                    resume: bool, given: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Return the teacher in eval mode and facts about how it was obtained. ``given``: a trained module
+    from the Python API (``edgekd.compress(teacher=...)``): used instead of a checkpoint or training."""
     saved = run_path / "teacher" / "teacher.pt"
     if resume and saved.is_file():
         model, _ = load_portable(saved)
         return model.eval(), {"source": "run directory (resumed)"}
-    model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
     cfg = recipe.teacher
-    if cfg.checkpoint is not None:
+    if given is not None:
+        model = load_given_teacher(recipe, given, data.num_classes, data.input_shape)
+        info = {"source": GIVEN_TEACHER}
+    elif cfg.checkpoint is not None:
+        model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
         load_checkpoint(model, cfg.checkpoint)
         info = {"source": f"checkpoint {cfg.checkpoint}"}
     else:
@@ -41,6 +61,7 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
         from edgekd.train.trainer import fit
 
         assert cfg.train is not None  # the schema guarantees checkpoint xor train
+        model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
         result = fit(model, CrossEntropyObjective(label_smoothing=cfg.train.label_smoothing), data, cfg.train,
                      run_path / "teacher" / "training", device=device, resume=resume, label="teacher",
                      seed=recipe.seed)

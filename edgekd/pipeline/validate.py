@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import edgekd.pipeline.stages  # noqa: F401  (registers every stage)
 from edgekd.data import load_data
@@ -19,7 +20,7 @@ from edgekd.models.adapter import check_batch_axis
 from edgekd.models.checkpoint import load_checkpoint
 from edgekd.pipeline.context import ValidationContext
 from edgekd.pipeline.stage import stage_for
-from edgekd.pipeline.teacher import teacher_spec
+from edgekd.pipeline.teacher import load_given_teacher, teacher_spec
 from edgekd.recipe.load import RecipeDocument
 from edgekd.train.augment import augment_batch, augment_generator
 from edgekd.train.config import TrainConfig
@@ -39,15 +40,22 @@ def _at(doc: RecipeDocument, key: str, exc: EdgekdError) -> RecipeError:
     return doc.error_at(key, exc.message, exc.hint)
 
 
-def validate_document(doc: RecipeDocument) -> ValidationSummary:
+def validate_document(doc: RecipeDocument, *, teacher: nn.Module | None = None,
+                      datasets=None) -> ValidationSummary:
+    """Check ``doc`` without training; raise an ``EdgekdError`` (a ``RecipeError`` at the key and line) at the
+    first problem. ``teacher``/``datasets``: the trained module and in-memory splits of the Python API."""
     recipe = doc.recipe
+    given = teacher
     try:
-        data = load_data(recipe.data, recipe.seed)
+        data = load_data(recipe.data, recipe.seed, datasets)
     except EdgekdError as exc:
         raise _at(doc, "data", exc) from exc
     try:
-        teacher = teacher_spec(recipe).build(data.num_classes, data.input_shape)
-        if recipe.teacher.checkpoint is not None:
+        if given is not None:
+            teacher = load_given_teacher(recipe, given, data.num_classes, data.input_shape)
+        else:
+            teacher = teacher_spec(recipe).build(data.num_classes, data.input_shape)
+        if given is None and recipe.teacher.checkpoint is not None:
             load_checkpoint(teacher, recipe.teacher.checkpoint)
     except EdgekdError as exc:
         raise _at(doc, "teacher", exc) from exc

@@ -7,6 +7,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,20 +154,39 @@ class RecipeDocument:
         return RecipeError(message, file=self.file, line=self.line_of(dotted), key=dotted, hint=hint)
 
 
-def parse_recipe(text: str, file: str, overrides: list[str] | None = None) -> RecipeDocument:
+def parse_recipe(text: str, file: str, overrides: list[str] | None = None, *,
+                 context: dict[str, Any] | None = None,
+                 adjust: Callable[[dict], None] | None = None) -> RecipeDocument:
+    """Parse and validate recipe YAML ``text`` (``file`` names it in errors). ``context``: pydantic
+    validation context (``{"teacher_given": True}`` when a teacher module comes from Python);
+    ``adjust``: edits the parsed mapping before overrides and validation (see ``parse_recipe_data``)."""
     data, lines = load_yaml_with_lines(text, file)
     if data is None:
         raise RecipeError("the recipe is empty (no sections, only blank lines or comments)", file=file, line=1,
                           hint="a recipe needs at least name, data and teacher: start from recipes/quickstart.yaml")
+    return parse_recipe_data(data, file, lines, overrides, text=text, context=context, adjust=adjust)
+
+
+def parse_recipe_data(data: Any, file: str, lines: dict[PathT, int] | None = None,
+                      overrides: list[str] | None = None, *, text: str = "",
+                      context: dict[str, Any] | None = None,
+                      adjust: Callable[[dict], None] | None = None) -> RecipeDocument:
+    """Validate an already parsed recipe (a dict, as from YAML or a Python caller) after ``adjust`` (the
+    Python API's edits for a teacher module or in-memory data) and ``overrides`` ("dotted.key=value").
+    Raises ``RecipeError`` at the first invalid key (its line when ``lines`` knows it), never a pydantic
+    ``ValidationError``."""
+    lines = lines or {}
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping of sections (name, data, teacher, stages, ...)", file=file, line=1)
+    if adjust is not None:
+        adjust(data)
     overridden: set[PathT] = set()
     for text_override in overrides or []:
         path, value = parse_override(text_override)
         apply_override(data, path, value, text_override)
         overridden.add(tuple(path))
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context=context)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # Report the first error in document order; the rest are listed after it.
@@ -180,7 +200,10 @@ def parse_recipe(text: str, file: str, overrides: list[str] | None = None) -> Re
     return RecipeDocument(recipe=recipe, file=file, text=text, lines=lines)
 
 
-def load_recipe(path: Path | str, overrides: list[str] | None = None) -> RecipeDocument:
+def load_recipe(path: Path | str, overrides: list[str] | None = None, *,
+                context: dict[str, Any] | None = None,
+                adjust: Callable[[dict], None] | None = None) -> RecipeDocument:
+    """Read, parse and validate a recipe file; relative paths in it are made relative to its folder."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist", file=str(path))
@@ -188,7 +211,8 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> RecipeD
         raw = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", file=str(path)) from exc
-    doc = parse_recipe(decode_recipe(raw, str(path)), str(path), overrides)
+    doc = parse_recipe(decode_recipe(raw, str(path)), str(path), overrides, context=context,
+                       adjust=adjust)
     doc.recipe = _resolve_relative_paths(doc.recipe, path.parent)
     return doc
 

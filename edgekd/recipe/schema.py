@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgekd.bench.config import BenchmarkConfig, GateConfig
 from edgekd.data.config import DataConfig
@@ -38,7 +38,14 @@ class TeacherConfig(ModelSpec):
     train: TrainConfig | None = Field(None, description="train the teacher on the recipe's data first")
 
     @model_validator(mode="after")
-    def _weights_source(self) -> TeacherConfig:
+    def _weights_source(self, info: ValidationInfo) -> TeacherConfig:
+        # edgekd.compress(teacher=module) brings the trained weights itself (validation context
+        # ``{"teacher_given": True}``); the section then only names the architecture
+        if (info.context or {}).get("teacher_given"):
+            if self.checkpoint is not None or self.train is not None:
+                raise ValueError("a teacher module was passed, so the recipe's teacher names only its architecture; "
+                                 "remove 'checkpoint' and 'train'")
+            return self
         if self.checkpoint is None and self.train is None:
             raise ValueError("the teacher needs trained weights: give 'checkpoint' (a state dict) or a 'train' block")
         if self.checkpoint is not None and self.train is not None:

@@ -1,4 +1,4 @@
-"""Build the report from a run directory (``manifest.json`` + ``benchmark.json`` + ``recipe.yaml``)
+"""Build the report from a run directory (``manifest.json`` + ``benchmark.json``)
 and write ``report.json``, ``report.md`` and ``report.html`` next to them.
 
 Reads only files, so ``edgekd report RUN_DIR`` renders the same report again later, and a
@@ -35,17 +35,27 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc}", hint="the file is damaged; rerun the step that wrote it") from exc
 
 
-def _gate_from_recipe(run_dir: Path) -> GateConfig | None:
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        return None
-    section = (yaml.safe_load(path.read_text()) or {}).get("gate")
+def _gate_of_run(run_dir: Path, manifest: dict[str, Any]) -> GateConfig | None:
+    """The gate the run was started with: the manifest's ``gate`` (the runner files the validated recipe's
+    section there), else, for a run from before it did, ``recipe.yaml``'s. A section that does not validate
+    is an error naming the file, never a report without its gate."""
+    if "gate" in manifest:
+        section, source = manifest["gate"], run_dir / MANIFEST_FILE
+    else:
+        path = run_dir / "recipe.yaml"
+        try:
+            section = (yaml.safe_load(path.read_text()) or {}).get("gate") if path.is_file() else None
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read the gate of {path}: {exc}".splitlines()[0],
+                              hint="the file is damaged; rerun the run to write it again") from exc
+        source = path
     if not section:
         return None
     try:
         return GateConfig.model_validate(section)
-    except ValidationError:
-        return None  # the run's own recipe was validated when it started; an edited copy is not the report's job
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: gate: {exc.errors()[0]['msg']}",
+                          hint="the run's files were edited by hand; fix the gate section or rerun") from exc
 
 
 def _parity_text(artifacts: list[dict[str, Any]], role: str, precision: str) -> str | None:
@@ -164,8 +174,11 @@ def _accuracy_splits(manifest: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def build_report(run_dir: Path) -> Report:
-    """The report of a run directory; raises ``ConfigError`` when it holds neither manifest nor benchmark."""
+def build_report(run_dir: Path, gate: GateConfig | None = None) -> Report:
+    """The report of a run directory, with the gate's verdict in ``report.gate`` (the only place the gate is
+    evaluated). ``gate``: the running recipe's gate (the runner passes it); None reads the one the run was
+    started with (``_gate_of_run``). Raises ``ConfigError`` when the directory holds neither manifest nor
+    benchmark, or when its files are damaged."""
     run_dir = Path(run_dir)
     manifest_path, bench_path = run_dir / MANIFEST_FILE, run_dir / BENCHMARK_FILE
     if not manifest_path.is_file() and not bench_path.is_file():
@@ -195,19 +208,21 @@ def build_report(run_dir: Path) -> Report:
         artifacts=manifest.get("artifacts", []), ledger=_ledger(manifest), benchmark=bench,
         comparisons=_comparisons(bench) if bench else [], accuracy_drops=_accuracy_drops(bench, manifest),
         accuracy_splits=_accuracy_splits(manifest), stage_data=stage_data)
-    gate = _gate_from_recipe(run_dir)
+    if gate is None:
+        gate = _gate_of_run(run_dir, manifest)
     if gate is not None and gate.max_accuracy_drop is not None:
         report.gate = evaluate_gate(report, gate.max_accuracy_drop)
     return report
 
 
-def write_all_reports(run_dir: Path) -> Report:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir``."""
+def write_all_reports(run_dir: Path, gate: GateConfig | None = None) -> Report:
+    """Build the report (``build_report``: ``gate`` as there) and write ``report.json``, ``report.md`` and
+    ``report.html`` into ``run_dir``."""
     from edgekd.report.html import render_html
     from edgekd.report.markdown import render_markdown
 
     run_dir = Path(run_dir)
-    report = build_report(run_dir)
+    report = build_report(run_dir, gate)
     atomic_write_json(run_dir / REPORT_FILES["json"], report.to_json())
     atomic_write_text(run_dir / REPORT_FILES["markdown"], render_markdown(report))
     atomic_write_text(run_dir / REPORT_FILES["html"], render_html(report))

@@ -3,14 +3,15 @@
 The drop is judged on what ships, on the test split (which no decision of the run saw): every
 student model the benchmark scored (each runtime, FP32 and INT8) against the teacher on the same
 runtime and samples; the worst one decides. Without benchmark accuracy it falls back to the
-PyTorch test accuracies of the run's ledger. A figure measured on the val split never passes it. The runner
-writes every report file first, then calls ``check_gate``, so a failed gate still leaves the
-evidence on disk.
+PyTorch test accuracies of the run's ledger. A figure measured on the val split never passes it.
+
+The gate is evaluated once, by ``build_report`` (``report.gate``), and the report files record it.
+``edgekd.compress`` returns that verdict; the CLI turns a failed one into exit code 3 with
+``raise_for_gate`` after every report file is written, so a failed gate still leaves the evidence on disk.
 """
 
 from __future__ import annotations
 
-from edgekd.bench.config import GateConfig
 from edgekd.errors import GateFailedError
 from edgekd.report.schema import GateResult, Report
 
@@ -33,12 +34,11 @@ def evaluate_gate(report: Report, max_accuracy_drop: float) -> GateResult:
     return GateResult(max_accuracy_drop=max_accuracy_drop, worst=worst, passed=passed, message=message)
 
 
-def check_gate(report: Report, gate: GateConfig | None) -> GateResult | None:
-    """Raise ``GateFailedError`` (exit code 3) when the gate is set and fails; return the verdict otherwise."""
-    if gate is None or gate.max_accuracy_drop is None:
-        return None
-    result = evaluate_gate(report, gate.max_accuracy_drop)
-    if not result.passed:
+def raise_for_gate(report: Report) -> GateResult | None:
+    """Raise ``GateFailedError`` (exit code 3) when the report's gate verdict failed; return the verdict
+    (None when the run has no gate). Reads ``report.gate``; never evaluates the gate again."""
+    result = report.gate
+    if result is not None and not result.passed:
         raise GateFailedError(
             f"accuracy gate failed: {result.message}; the reports are written in {report.run_dir}",
             hint="recover accuracy (more distillation epochs, a smaller pruning ratio, keep sensitive layers in "
