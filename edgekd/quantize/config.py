@@ -12,16 +12,20 @@ The method is a typed union picked by ``kind`` (a bare string is shorthand for i
     - quantize: {method: {kind: executorch, samples: 256}} # PT2E + XNNPACK quantizer -> .pte
     - quantize: {method: {kind: qat, epochs: 3, temperature: 4, alpha: 0.7}}
 
-The stage dispatches on the method's type (``edgekd.quantize.stage``).
+Each method is one entry of ``QUANT_METHODS`` below; ``edgekd.quantize.methods.run_method`` dispatches
+through it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import importlib
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import Field, field_validator
 
 from edgekd.recipe.base import StrictModel
+from edgekd.registry import Registry
 from edgekd.train.config import TrainConfig
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -134,7 +138,67 @@ class QatMethod(TrainConfig):
                                       description="real samples that initialise the observers before training")
 
 
-QuantMethod = Annotated[OrtStaticMethod | OrtDynamicMethod | ExecuTorchMethod | QatMethod,
+@dataclass(frozen=True)
+class QuantMethodEntry:
+    """What edgekd knows about one quantization method without importing its libraries.
+
+    ``config`` is the recipe's method section (``kind`` is ``Literal[name]`` and defaults to it), ``flow``
+    the function that builds and searches its INT8 candidates, "package.module:function" taking
+    ``(method, QuantizeJob)`` and returning a ``SearchOutcome`` (imported on first use). Adding a method
+    is its config class, its flow and one entry in ``QUANT_METHODS``: the recipe's ``QuantMethod`` union,
+    the ``method: NAME`` shorthand, its JSON Schema and validation errors, and ``run_method`` follow.
+    """
+
+    name: str
+    config: type[StrictModel]
+    flow: str
+    #: the artifact format it ships ("onnx", "pte") and the runtime it measures candidates on
+    fmt: str
+    runtime: str
+    #: a few words for docs and errors
+    summary: str
+    #: dotted key, under the method, of the number of real training samples it calibrates on (None: none)
+    calibration_key: str | None = None
+    #: it needs ExecuTorch's torch.export + XNNPACK quantizer (the ``mobile`` extra)
+    needs_executorch: bool = False
+
+    def __post_init__(self) -> None:
+        kind = self.config.model_fields.get("kind")
+        if kind is None or get_args(kind.annotation) != (self.name,) or kind.default != self.name:
+            raise ValueError(f"quantization method {self.name!r}: {self.config.__name__}.kind must be "
+                             f"Literal[{self.name!r}] = {self.name!r}")
+
+    def run(self, method: StrictModel, job: Any) -> Any:
+        """The method's flow on ``job`` (a ``QuantizeJob``): its ``SearchOutcome``."""
+        module, _, function = self.flow.partition(":")
+        return getattr(importlib.import_module(module), function)(method, job)
+
+    def calibration_samples(self, method: StrictModel) -> tuple[str | None, int]:
+        """(recipe key under ``quantize``, number) of training samples ``method`` calibrates on."""
+        if self.calibration_key is None:
+            return None, 0
+        value: Any = method
+        for part in self.calibration_key.split(".")[1:]:  # the key starts with "method"
+            value = getattr(value, part)
+        return self.calibration_key, int(value)
+
+
+QUANT_METHODS: Registry[QuantMethodEntry] = Registry("quantization method", [
+    QuantMethodEntry("ort_static", OrtStaticMethod, "edgekd.quantize.methods:run_ort_static", fmt="onnx",
+                     runtime="onnxruntime", summary="ONNX Runtime static INT8, calibrated PTQ",
+                     calibration_key="method.calibration.samples"),
+    QuantMethodEntry("ort_dynamic", OrtDynamicMethod, "edgekd.quantize.methods:run_ort_dynamic", fmt="onnx",
+                     runtime="onnxruntime", summary="ONNX Runtime dynamic INT8 (Linear/MatMul-heavy models)"),
+    QuantMethodEntry("executorch", ExecuTorchMethod, "edgekd.quantize.methods:run_executorch", fmt="pte",
+                     runtime="executorch", summary="ExecuTorch PT2E + XNNPACK 8-bit",
+                     calibration_key="method.samples", needs_executorch=True),
+    QuantMethodEntry("qat", QatMethod, "edgekd.quantize.methods:run_qat", fmt="onnx", runtime="onnxruntime",
+                     summary="quantization-aware training with distillation, QDQ ONNX",
+                     calibration_key="method.calibration.samples", needs_executorch=True),
+])
+
+#: the recipe's quantization method: the union of the registered method configs, picked by ``kind``
+QuantMethod = Annotated[Union[tuple(entry.config for entry in QUANT_METHODS.values())],  # noqa: UP007
                         Field(discriminator="kind")]
 
 

@@ -1,4 +1,4 @@
-"""One flow per quantization method, picked by the method config's type.
+"""One flow per quantization method; ``QUANT_METHODS`` (quantize/config.py) names each method's flow.
 
 Each flow builds its INT8 candidates, then hands them to ``run_search`` (measure accuracy on the
 target runtime, time side by side against FP32, repair accuracy, choose). Flows work on a
@@ -18,6 +18,7 @@ from edgekd.data.bundle import DataBundle
 from edgekd.quantize.calibration import calibration_samples
 from edgekd.quantize.candidates import Bench, Candidate, CandidateBuild, Policy, SearchOutcome, run_search
 from edgekd.quantize.config import (
+    QUANT_METHODS,
     ExecuTorchMethod,
     OrtDynamicMethod,
     OrtStaticMethod,
@@ -183,18 +184,10 @@ def run_qat(method: QatMethod, job: QuantizeJob) -> SearchOutcome:
     return run_search(job.bench("onnxruntime"), job.policy, fp32, [build], fmt="onnx", notes=notes)
 
 
-METHOD_FLOWS: dict[type, Callable[[object, QuantizeJob], SearchOutcome]] = {
-    OrtStaticMethod: run_ort_static,
-    OrtDynamicMethod: run_ort_dynamic,
-    ExecuTorchMethod: run_executorch,
-    QatMethod: run_qat,
-}
-
-
 def run_method(job: QuantizeJob) -> SearchOutcome:
-    """Dispatch on the type of ``job.config.method``."""
+    """Run ``job.config.method`` through its registry entry's flow (``QUANT_METHODS[method.kind]``)."""
     method = job.config.method
-    return METHOD_FLOWS[type(method)](method, job)
+    return QUANT_METHODS[method.kind].run(method, job)
 
 
 def standalone_job(config: QuantizeConfig, data: DataBundle, student: nn.Module, workdir: Path, *,
