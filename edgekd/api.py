@@ -159,9 +159,12 @@ def export(model: str | Path, to: str, *, out: str | Path | None = None, opset: 
 
 def benchmark(model: str | Path, *, against: str | Path | None = None, threads: list[int] | None = None,
               batch_sizes: list[int] | None = None, out: str | Path | None = None, factories: Iterable[str] = (),
-              console: Console | None = None, quiet: bool = False):
+              warmup: int = 5, min_time_s: float = 1.0, min_iters: int = 20, memory: bool = True,
+              peak: bool = True, console: Console | None = None, quiet: bool = False):
     """Time ``model`` (.onnx, .ort, .pte or portable .pt, as the student) on its runtime, interleaved with
-    ``against`` (the teacher file) when given, at each thread count and batch size, as ``edgekd benchmark``.
+    ``against`` (the teacher file) when given, at each thread count and batch size, as ``edgekd benchmark``:
+    ``warmup`` untimed calls, then rounds for at least ``min_time_s`` seconds and ``min_iters`` rounds;
+    ``memory``: peak memory in a fresh subprocess per file; ``peak``: an FP32 GEMM reference per thread count.
 
     Returns a ``BenchmarkResult`` (``timings``: latency percentiles in ms per runtime/threads/batch;
     ``models``: size, accuracy where data is known). With ``out`` (a folder) it also writes
@@ -171,5 +174,6 @@ def benchmark(model: str | Path, *, against: str | Path | None = None, threads: 
     from edgekd.bench.command import benchmark_files
 
     return benchmark_files(Path(model), Path(against) if against is not None else None, threads=threads,
-                           batch_sizes=batch_sizes, out=Path(out) if out is not None else None,
+                           batch_sizes=batch_sizes, warmup=warmup, min_time_s=min_time_s, min_iters=min_iters,
+                           memory=memory, peak=peak, out=Path(out) if out is not None else None,
                            console=console or Console(quiet=quiet), factories=tuple(factories))

@@ -148,3 +148,11 @@ def test_runner_end_to_end_prune_distill_export_quantize_benchmark(tmp_path):
     assert result.gate is not None and result.passed is (worst <= 0.0)
     assert json.loads(result.report_files["json"].read_text())["gate"]["passed"] is result.passed
     np.testing.assert_allclose(result.gate.worst.drop, worst)
+    # the file commands of the API on the run's outputs: export the final student, time it against the teacher
+    onnx = edgekd.export(result.student, "onnx", out=tmp_path / "files" / "student.onnx")
+    assert callable(edgekd.export) and onnx.is_file() and onnx.suffix == ".onnx"
+    timed = edgekd.benchmark(onnx, against=result.run_dir / "artifacts" / "teacher.onnx", threads=[1],
+                             batch_sizes=[1], warmup=1, min_time_s=0.0, min_iters=2, memory=False, peak=False,
+                             quiet=True)
+    assert {(t.label, t.runtime) for t in timed.timings} >= {("student", "onnxruntime"), ("teacher", "onnxruntime")}
+    assert all(t.latency is not None and t.latency.p50_ms > 0 for t in timed.timings)
