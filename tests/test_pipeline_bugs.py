@@ -87,3 +87,20 @@ def test_the_report_evaluates_the_gate_once_and_refuses_a_damaged_one(tmp_path):
     # a run of this version records its gate in the manifest; the report reads it from there
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "gate": {"max_accuracy_drop": 2.0}}))
     assert build_report(tmp_path).gate.passed
+
+
+def test_a_hugging_face_model_resolves_the_same_layer_names_in_prune_and_distill():
+    """A real transformers ResNet (small config, built offline) returns ``ImageClassifierOutput``: wrapped in
+    ``LogitsAdapter``, its module paths as the user prints them from the HF model work in both places."""
+    teacher = ModelSpec(factory="tests.zoo_models:hf_resnet").build(10, (1, 32, 32))
+    student = ModelSpec(factory="tests.zoo_models:hf_resnet").build(10, (1, 32, 32))
+    assert isinstance(teacher, LogitsAdapter)
+    names = ["resnet.embedder", "resnet.encoder.stages.1", "resnet.encoder.stages.2.layers.0"]
+    assert set(names) <= {n for n, _ in teacher.model.named_modules()}
+    for name in names:
+        assert distill_resolve(teacher, name) is prune_resolve(teacher, name) is teacher.model.get_submodule(name)
+    config = DistillConfig(losses=[
+        {"kind": "kd"},
+        {"kind": "hint", "student_layer": names[1], "teacher_layer": names[1]},
+        {"kind": "attention", "student_layer": names[2], "teacher_layer": names[2]}])
+    check_distill_layers(config, teacher, student, torch.randn(2, 1, 32, 32))
