@@ -1,7 +1,7 @@
 """``edgekd benchmark MODEL [--against TEACHER]``: benchmark model files outside a recipe.
 
-Each file runs on the runtime of its format (``.onnx`` ONNX Runtime, ``.ort`` ORT Mobile,
-``.pte`` ExecuTorch, ``.pt`` an edgekd portable checkpoint on PyTorch); MODEL and TEACHER are
+Each file runs on the parity runtime of its format (``RUNTIME_FOR_FORMAT``: ``.onnx`` ONNX Runtime,
+``.ort`` ORT Mobile, ``.pte`` ExecuTorch, ``.pt`` an edgekd portable checkpoint on PyTorch); MODEL and TEACHER are
 timed interleaved in one process even when their runtimes differ. Inputs: ``data``, an ``.npz``
 with ``x`` (samples shaped like the model's input) and optionally ``y`` (labels, for top-1);
 without it, seeded standard-normal samples (edgekd's data are standardised, so these are in
@@ -24,10 +24,10 @@ from edgekd.bench.results import BenchmarkResult
 from edgekd.errors import ConfigError, DataError
 from edgekd.fileio import atomic_write_json
 from edgekd.runtimes.base import LoadedModel
-from edgekd.runtimes.registry import RUNTIME_FOR_FORMAT, get_runtime
+from edgekd.runtimes.registry import RUNTIME_FOR_FORMAT, RUNTIMES, get_runtime
 
-#: file suffix -> artifact format
-FORMAT_OF_SUFFIX: dict[str, str] = {".onnx": "onnx", ".ort": "ort", ".pte": "pte", ".pt": "torch", ".pth": "torch"}
+#: file suffix -> artifact format, from the runtime registry's entries (plus ".pth", PyTorch's other spelling)
+FORMAT_OF_SUFFIX: dict[str, str] = {**{e.suffix: e.fmt for e in RUNTIMES.values()}, ".pth": "torch"}
 #: ONNX operators that only appear in quantized graphs
 _INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
              "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}

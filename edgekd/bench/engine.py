@@ -217,11 +217,10 @@ class _Bench:
 
 def unavailable_note(runtime: str) -> Note | None:
     """The one-line note for a runtime that is not installed (None when it is)."""
-    cls = RUNTIMES[runtime]
-    if cls.available():
+    entry = RUNTIMES[runtime]
+    if entry.available():
         return None
-    install = f"pip install 'edgekd[{cls.extra}]'" if cls.extra else "pip install edgekd"
-    return Note(runtime=runtime, message=f"{runtime} is not installed, skipped ({install})")
+    return Note(runtime=runtime, message=f"{runtime} is not installed, skipped ({entry.install})")
 
 
 def run_benchmark(groups: list[TimingGroup], config: BenchmarkConfig, inputs: BenchInputs, *,

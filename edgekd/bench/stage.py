@@ -32,13 +32,11 @@ ACCURACY_SPLIT = "test"
 ROLES: tuple[str, ...] = ("teacher", "student")
 PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 
-#: what to tell a user whose run lacks a runtime's file (by format)
-_MAKE_HINT: dict[str, str] = {
-    "onnx": "add 'onnx' to export.formats",
-    "ort": "add 'ort' to export.formats",
-    "pte": "add 'pte' to export.formats",
-    "torch": "the benchmark stage writes it itself",
-}
+
+def _make_hint(fmt: str) -> str:
+    """What to tell a user whose run lacks a runtime's file: the export stage makes every format but the
+    portable checkpoint, which this stage writes itself."""
+    return "the benchmark stage writes it itself" if fmt == "torch" else f"add '{fmt}' to export.formats"
 
 
 def _portable_checkpoint(ctx: RunContext, role: str) -> Artifact:
@@ -59,7 +57,8 @@ def _portable_checkpoint(ctx: RunContext, role: str) -> Artifact:
 
 
 def _group(ctx: RunContext, runtime: str, counts: dict[str, tuple[int, int]], notes: list[Note]) -> TimingGroup:
-    fmt = RUNTIMES[runtime].fmt
+    entry = RUNTIMES[runtime]
+    fmt, suffix = entry.fmt, entry.suffix  # the file the runtime runs, as users see it (.pt, not .torch)
     candidates: list[Candidate] = []
     for role in ROLES:
         for precision in PRECISIONS:
@@ -67,13 +66,13 @@ def _group(ctx: RunContext, runtime: str, counts: dict[str, tuple[int, int]], no
                         else ctx.artifact(role, fmt, precision))
             if artifact is None:
                 if precision == "fp32":
-                    notes.append(Note(runtime=runtime, message=f"no {role} .{fmt} artifact in this run, so no "
-                                                               f"{role} on {runtime} ({_MAKE_HINT[fmt]})"))
+                    notes.append(Note(runtime=runtime, message=f"no {role} {suffix} artifact in this run, so no "
+                                                               f"{role} on {runtime} ({_make_hint(fmt)})"))
                 continue
             if artifact.status != "ok" or not artifact.path.is_file():
                 why = artifact.info.get("error") or ("file missing" if not artifact.path.is_file() else "failed")
-                notes.append(Note(runtime=runtime, message=f"the {role} {precision} .{fmt} artifact is not usable: "
-                                                           f"{why}"))
+                notes.append(Note(runtime=runtime, message=f"the {role} {precision} {suffix} artifact is not "
+                                                           f"usable: {why}"))
                 continue
             params, macs = counts[role]
             candidates.append(Candidate(runtime=runtime, role=role, precision=precision, path=artifact.path, params=params, macs=macs))
