@@ -24,6 +24,7 @@ from edgekd.quantize.config import (
     OrtStaticMethod,
     QatMethod,
     QuantizeConfig,
+    QuantMethod,
     StaticCandidate,
 )
 
@@ -97,6 +98,17 @@ def _keep_sensitive_in_float(job: QuantizeJob, target: Candidate, prepared: Path
                                    samples=s.samples, workdir=job.workdir / "sensitivity")
 
 
+def _bench(job: QuantizeJob, method: QuantMethod) -> Bench:
+    """The job's bench on the runtime the method's registry entry measures on."""
+    return job.bench(QUANT_METHODS[method.kind].runtime)
+
+
+def _search(job: QuantizeJob, method: QuantMethod, bench: Bench, fp32: Candidate, builds: list[CandidateBuild],
+            **kw) -> SearchOutcome:
+    """``run_search`` with the job's policy, in the format the method's registry entry ships."""
+    return run_search(bench, job.policy, fp32, builds, fmt=QUANT_METHODS[method.kind].fmt, **kw)
+
+
 def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
     from edgekd.quantize.ort_static import calibrate, preprocess, quantize_candidate
 
@@ -105,7 +117,7 @@ def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
     fp32_path = job.fp32_onnx()
     prepared = preprocess(fp32_path, job.workdir / "student.fp32.prep.onnx")
     cache = calibrate(prepared, samples, cal, job.workdir / f"calibration.{cal.method}.json")
-    bench = job.bench("onnxruntime")
+    bench = _bench(job, method)
     fp32 = Candidate(name="fp32", precision="fp32", path=fp32_path)
 
     def quantize(setting: StaticCandidate, out: Path, exclude: list[str]) -> Path:
@@ -122,7 +134,7 @@ def run_ort_static(method: OrtStaticMethod, job: QuantizeJob) -> SearchOutcome:
 
     notes = [f"static INT8 calibrated with {cal.method} on {cal.samples} real training samples (seed {cal.seed})",
              f"CPU VNNI: {_vnni_text()}"]
-    return run_search(bench, job.policy, fp32, builds, fmt="onnx", fallback=fallback, notes=notes)
+    return _search(job, method, bench, fp32, builds, fallback=fallback, notes=notes)
 
 
 def run_ort_dynamic(method: OrtDynamicMethod, job: QuantizeJob) -> SearchOutcome:
@@ -132,7 +144,7 @@ def run_ort_dynamic(method: OrtDynamicMethod, job: QuantizeJob) -> SearchOutcome
 
     fp32_path = job.fp32_onnx()
     prepared = preprocess(fp32_path, job.workdir / "student.fp32.prep.onnx")
-    bench = job.bench("onnxruntime")
+    bench = _bench(job, method)
     fp32 = Candidate(name="fp32", precision="fp32", path=fp32_path)
     builds = [CandidateBuild(c.label, c.model_dump(),
                              lambda c=c: quantize_dynamic_candidate(prepared, job.workdir / f"{c.label}.onnx", c))
@@ -144,7 +156,7 @@ def run_ort_dynamic(method: OrtDynamicMethod, job: QuantizeJob) -> SearchOutcome
             job, target, prepared, fp32, bench,
             lambda exclude, out: quantize_dynamic_candidate(prepared, out, setting, nodes_to_exclude=exclude))
 
-    return run_search(bench, job.policy, fp32, builds, fmt="onnx", fallback=fallback,
+    return _search(job, method, bench, fp32, builds, fallback=fallback,
                       notes=["dynamic INT8: weights quantized offline, activations at run time (no calibration)"])
 
 
@@ -168,7 +180,7 @@ def run_executorch(method: ExecuTorchMethod, job: QuantizeJob) -> SearchOutcome:
     notes = [f"PT2E + XNNPACKQuantizer calibrated on {method.samples} real training samples, lowered to XNNPACK",
              "accuracy-aware node exclusion applies to ONNX methods; for ExecuTorch the tolerance decides "
              "between INT8 and FP32"]
-    return run_search(job.bench("executorch"), job.policy, fp32, builds, fmt="pte", notes=notes)
+    return _search(job, method, _bench(job, method), fp32, builds, notes=notes)
 
 
 def run_qat(method: QatMethod, job: QuantizeJob) -> SearchOutcome:
@@ -181,7 +193,7 @@ def run_qat(method: QatMethod, job: QuantizeJob) -> SearchOutcome:
     notes = [f"QAT with distillation from the teacher: {method.epochs} epoch(s), T={method.temperature:g}, "
              f"alpha={method.alpha:g}; exported as QDQ ONNX with unsigned activations",
              "the PyTorch student is left unchanged: QAT's weights live in the shipped INT8 model only"]
-    return run_search(job.bench("onnxruntime"), job.policy, fp32, [build], fmt="onnx", notes=notes)
+    return _search(job, method, _bench(job, method), fp32, [build], notes=notes)
 
 
 def run_method(job: QuantizeJob) -> SearchOutcome:
