@@ -13,10 +13,10 @@ from torch import nn
 
 from edgekd.data.bundle import DataBundle
 from edgekd.data.transfer import keep_labels, label_counts, labeled_only
-from edgekd.distill.config import AttentionTerm, DistillConfig, FinetuneConfig, HintTerm
+from edgekd.distill.config import DistillConfig, FinetuneConfig
 from edgekd.distill.hooks import probe, resolve_layer
-from edgekd.distill.losses import HintAdaptor
-from edgekd.distill.objective import DistillObjective, term_layers
+from edgekd.distill.losses import KDSettings
+from edgekd.distill.objective import DistillObjective, term_layers, term_losses
 from edgekd.errors import RecipeError, StageError
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
@@ -44,23 +44,16 @@ def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.
     if s_logits.shape[-1] != t_logits.shape[-1]:
         raise RecipeError(f"the student predicts {s_logits.shape[-1]} classes but the teacher {t_logits.shape[-1]}",
                           key="distill", hint="distillation needs the same classes; set the student's num_classes")
-    for i, term in enumerate(config.losses):
-        if not isinstance(term, (HintTerm, AttentionTerm)):
-            continue
-        s_shape, t_shape = s_feats[term.student_layer].shape, t_feats[term.teacher_layer].shape
-        where = (f"student {term.student_layer!r} gives {tuple(s_shape)}, "
-                 f"teacher {term.teacher_layer!r} gives {tuple(t_shape)}")
-        if len(s_shape) != len(t_shape):
-            raise RecipeError(f"{term.kind} needs features of the same rank: {where}", key=f"distill.losses.{i}",
-                              hint="pair layers of the same kind (e.g. two conv blocks)")
-        if isinstance(term, AttentionTerm) and len(s_shape) < 3:
-            raise RecipeError(f"attention transfer needs spatial feature maps (N, C, H, W): {where}",
-                              key=f"distill.losses.{i}", hint="name conv layers or blocks, or use kind: hint")
-        if isinstance(term, HintTerm):
-            try:
-                HintAdaptor(s_shape, t_shape)
-            except ValueError as exc:
-                raise RecipeError(f"hint: {exc}", key=f"distill.losses.{i}") from None
+    for i, (term, loss) in enumerate(zip(config.losses, term_losses(config.losses, KDSettings()), strict=True)):
+        s_name, t_name = term_layers(term)
+        if s_name is None or t_name is None:
+            continue  # a term on the logits: the class check above covers it
+        s_shape, t_shape = s_feats[s_name].shape, t_feats[t_name].shape
+        try:
+            loss.check(s_shape, t_shape)  # each loss kind's own rule (its registry entry's TermLoss)
+        except ValueError as exc:
+            raise RecipeError(f"{term.kind}: {exc}: student {s_name!r} gives {tuple(s_shape)}, teacher {t_name!r} "
+                              f"gives {tuple(t_shape)}", key=f"distill.losses.{i}") from None
 
 
 def training_notes(result: FitResult, objective: Objective, config: TrainConfig) -> dict[str, Any]:
