@@ -18,18 +18,14 @@ from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import Artifact, LedgerRow, RunContext, ValidationContext
 from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.quantize.candidates import SearchOutcome
-from edgekd.quantize.config import ExecuTorchMethod, QatMethod, QuantizeConfig
+from edgekd.quantize.config import QUANT_METHODS, QuantizeConfig
 from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
 
 
 def calibration_request(method: object) -> tuple[str | None, int]:
-    """(recipe key under ``quantize``, number) of the training samples a method calibrates on."""
-    if isinstance(method, ExecuTorchMethod):
-        return "method.samples", method.samples
-    calibration = getattr(method, "calibration", None)
-    if calibration is not None:
-        return "method.calibration.samples", calibration.samples
-    return None, 0
+    """(recipe key under ``quantize``, number) of the training samples a method calibrates on (its registry
+    entry's ``calibration_key``)."""
+    return QUANT_METHODS[method.kind].calibration_samples(method)
 
 
 @register_stage(QuantizeConfig)
@@ -38,8 +34,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def check(self, ctx: ValidationContext) -> None:
         method = self.config.method
-        if isinstance(method, (ExecuTorchMethod, QatMethod)):
-            # both use torch.export + the XNNPACK quantizer, which ship with executorch/torchao
+        if QUANT_METHODS[method.kind].needs_executorch:
+            # torch.export + the XNNPACK quantizer, which ship with executorch/torchao
             from edgekd.quantize.executorch_quant import require_executorch
 
             try:
