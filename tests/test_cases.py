@@ -76,3 +76,22 @@ def test_a_channel_split_pte_runs_every_batch_size_with_parity(factory, digits8,
         expected = model(x).numpy()
     assert np.abs(loaded.run(x.numpy()) - expected).max() < 1e-4
     del loaded
+
+
+def test_a_student_pruned_to_chance_is_flagged_where_the_report_shows_its_accuracy():
+    """grouped_conv.yaml: 12.3% val after pruning (chance 10%); prune.json said alive: false with a note
+    (prune in steps, lower the ratio, ...), but the report showed a bare 12.27% and the console nothing."""
+    from edgekd.report.stage_tables import prune_steps_table
+
+    note = ("the pruned student is at chance (12.3% vs 10.0%) after BatchNorm recalibration: too much was cut at "
+            "once, or a cut broke a coupling the tracer missed")
+    prune = {"alive": {"alive": False, "finite": True, "val_accuracy": 12.268, "chance_accuracy": 10.0, "note": note},
+             "steps": [{"step": 1, "channel_ratio": 0.5, "params": 6298, "macs": 758090, "val_accuracy": 12.268,
+                        "alive": False, "finite": True}]}
+    table = prune_steps_table(prune, "0-prune")
+    assert f"warning: {note}" in table.caption
+    assert table.rows[0][4] == "12.27% (chance)"
+    prune["alive"] = {"alive": True, "finite": True, "val_accuracy": 61.0, "note": ""}
+    prune["steps"][0].update(alive=True, val_accuracy=61.0)
+    table = prune_steps_table(prune, "0-prune")
+    assert "warning" not in table.caption and table.rows[0][4] == "61.00%"

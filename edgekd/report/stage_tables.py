@@ -61,15 +61,20 @@ def prune_steps_table(prune: Any, key: str | None = None) -> Table | None:
     steps = prune.get("steps") if isinstance(prune, dict) else None
     if not steps:
         return None
+    caption = "val split; BatchNorm statistics recalibrated after each step"
+    alive = prune.get("alive")
+    if isinstance(alive, dict) and alive.get("alive") is False and alive.get("note"):
+        # the check after pruning found the student at chance or not finite: say so where its accuracy is shown
+        caption += f"; warning: {alive['note']}"
     t = Table(_titled("Pruning steps", key), ["step", "channel ratio", "params", "MACs / sample", "val top-1 after pruning",
-                                "recovery", "val top-1 after recovery"],
-              caption="val split; BatchNorm statistics recalibrated after each step")
+                                "recovery", "val top-1 after recovery"], caption=caption)
     for s in steps:
         rec = s.get("recovery") or {}
         recovery = (f"{rec.get('epochs')} epoch(s) {rec.get('objective', '')}, lr {rec.get('lr')}"
                     + (f", {rec['rollbacks']} rollback(s)" if rec.get("rollbacks") else "")) if rec else "—"
+        dead = " (not finite)" if s.get("finite") is False else " (chance)" if s.get("alive") is False else ""
         t.rows.append([str(s.get("step")), fmt_num(s.get("channel_ratio"), ".2f"), fmt_count(s.get("params")),
-                       fmt_count(s.get("macs")), _pct(s.get("val_accuracy")), recovery,
+                       fmt_count(s.get("macs")), _pct(s.get("val_accuracy")) + dead, recovery,
                        _pct(rec.get("val_accuracy_after"))])
     return t
 
