@@ -257,6 +257,10 @@ def test_recovery_defaults_depend_on_where_the_student_starts():
     assert DistillObjective.from_config(nn.Identity(), warm).alpha == 0.5
     assert DistillConfig(lr=0.2).concrete(from_weights=True).lr == 0.2  # a recipe's value wins
     assert FinetuneConfig().concrete(from_weights=True).lr == 0.01 and FinetuneConfig().grad_clip is None
+    # from trained weights the cosine schedule's last epoch ships; early stopping searches for the best one
+    assert (warm.keep, cold.keep) == ("last", "best_val_accuracy")
+    assert DistillConfig(early_stopping_patience=2).concrete(from_weights=True).keep == "best_val_accuracy"
+    assert DistillConfig(keep="best_val_loss").concrete(from_weights=True).keep == "best_val_loss"
 
 
 def test_logit_standardization_ignores_the_teachers_logit_scale(teacher_and_pruned, digits8):

@@ -101,9 +101,13 @@ def check_alive(result: FitResult, label: str, num_classes: int, guard) -> None:
     if at_chance(result.best_val_accuracy, num_classes, guard.chance_margin):
         raise StageError(
             f"{label}: the student ended at {result.best_val_accuracy:.2f}% val top-1, chance for {num_classes} "
-            f"classes (it started at {result.start_val_accuracy if result.start_val_accuracy is not None else '?'}"
-            f"%); it is not handed on to the next stage",
+            f"classes (it started at {_pct_or_unknown(result.start_val_accuracy)}); it is not handed on to the "
+            f"next stage",
             hint="lower the pruning ratio, train more epochs, or lower lr; the stage's metrics.csv shows each epoch")
+
+
+def _pct_or_unknown(value: float | None) -> str:
+    return f"{value:.2f}%" if value is not None else "an unknown val top-1 (resumed from an older checkpoint)"
 
 
 def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective,

@@ -73,8 +73,9 @@ class TrainConfig(StrictModel):
     keep: KeepEpoch | None = Field(
         None, description="which epoch's weights the run ends with, judged on the val split: best_val_accuracy, "
                           "best_val_loss (smoother on a small val split: cross-entropy moves with every sample's "
-                          "confidence, top-1 only when one flips) or last; null: best_val_accuracy for training "
-                          "from scratch, the recovery stages' own default from trained weights")
+                          "confidence, top-1 only when one flips) or last; null: best_val_accuracy, except "
+                          "distill/finetune from trained weights: last (the cosine schedule's end; see "
+                          "docs/distill.md) unless early_stopping_patience is set")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="divergence guard (rollback + lower lr)")
     precise_bn: bool | None = Field(
