@@ -14,6 +14,7 @@ batch of one; see its docstring for why such a model is refused rather than patc
 
 from __future__ import annotations
 
+import difflib
 import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -80,6 +81,47 @@ class LogitsAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return logits_of(self.model(x), self.sample_shape)
+
+
+# Layer names as the user writes them. They live here, next to LogitsAdapter, because they unwrap it;
+# pruning (``ignore``, ``layers``) and distillation (``student_layer``/``teacher_layer``) both import them
+# from models, so neither stage depends on the other.
+
+
+def _wrapped(model: nn.Module) -> bool:
+    return isinstance(model, LogitsAdapter)
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Every submodule path as the user writes it: in their own model, without the ``model.`` prefix
+    edgekd's output adapter (``LogitsAdapter``, for dict / ``.logits`` / Hugging Face outputs) adds."""
+    names = [name for name, _ in model.named_modules() if name]
+    if _wrapped(model):
+        names = [n.removeprefix("model.") for n in names if n != "model"]
+    return names
+
+
+def layer_candidates(model: nn.Module, name: str) -> list[str]:
+    """The paths ``name`` may mean in ``model``: itself and, inside the adapter, ``model.<name>``."""
+    return [name, f"model.{name}"] if _wrapped(model) else [name]
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule a user's layer name means (see ``layer_candidates``), or None. The one resolver of
+    layer names: pruning (``ignore``, ``layers``) and distillation (``student_layer``/``teacher_layer``)
+    both call it, so a name that works in one works in the other."""
+    modules = dict(model.named_modules())
+    return next((modules[c] for c in layer_candidates(model, name) if c in modules), None)
+
+
+def close_names_hint(model: nn.Module, name: str) -> str:
+    """'did you mean ...?' with the closest layer names, else the top-level modules."""
+    names = layer_names(model)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    tops = sorted({n.split(".")[0] for n in names})
+    return "top-level modules: " + ", ".join(tops) if tops else "the model has no submodules"
 
 
 def _train_mode_output(model: nn.Module, example: Tensor) -> Any:

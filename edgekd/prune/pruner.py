@@ -24,8 +24,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgekd.distill.hooks import close_names_hint, find_layer
 from edgekd.errors import ModelError
+from edgekd.models.adapter import close_names_hint, find_layer
 from edgekd.prune.attention import SplitHeadAttention, split_attention_heads
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.graph_rules import (
