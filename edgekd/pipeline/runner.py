@@ -2,7 +2,8 @@
 
 After each step the manifest records its status, duration and output hashes, and the student
 is saved in the portable format, so ``--resume`` restarts after the last finished step and a
-failing step leaves everything before it in place.
+failing step leaves everything before it in place, with the report of the finished steps (the failed
+one and its error at its top; a run that stopped never passes its gate).
 
 Each step is known by its position key: "teacher", "<i>-<name>" for the i-th entry of
 ``recipe.stages`` ("0-prune", "3-distill") and "benchmark". A stage works in ``stages/<key>/``
@@ -209,13 +210,19 @@ class Runner:
             self.console.print(f"[bold]edgekd[/] run [cyan]{self.recipe.name}[/] in {self.run_dir.path}  "
                                f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
                                f"device {device})")
-            ctx = self._run_teacher(data, device)
-            for index, (key, stage) in enumerate(steps[1:], start=1):
-                record = self.manifest["stages"][index]
-                if record["status"] == "done":
-                    self.console.print(f"  [dim]skip {key} (done in an earlier run)[/]")
-                    continue
-                self._run_stage(ctx, index, key, stage)
+            try:
+                ctx = self._run_teacher(data, device)
+                for index, (key, stage) in enumerate(steps[1:], start=1):
+                    record = self.manifest["stages"][index]
+                    if record["status"] == "done":
+                        self.console.print(f"  [dim]skip {key} (done in an earlier run)[/]")
+                        continue
+                    self._run_stage(ctx, index, key, stage)
+            except Exception:
+                # the report of the steps that finished, with the failed one named at its top: the prune
+                # section that explains a dead student is there; the error itself leaves unchanged
+                self._write_failed_report()
+                raise
             report = self._write_report()
         return RunResult(self.run_dir.path, self.manifest, report)
 
@@ -352,6 +359,18 @@ class Runner:
         if not self.is_main:
             return {}
         return {self.run_dir.rel(p): sha256_file(p) for p in paths if Path(p).is_file()}
+
+    def _write_failed_report(self) -> None:
+        """Write the report of a run a step stopped (the manifest names the failed step and its error).
+        A report that cannot be written is a warning here, never the error the run ends with."""
+        if not self.is_main:
+            return
+        try:
+            self._write_report()
+        except Exception as exc:  # noqa: BLE001 - the step's own error is the one to raise
+            self.console.print(f"  [yellow]warning:[/] no report for the failed run: {exc}")
+        else:
+            self.console.print(f"  report of the finished steps: {self.run_dir.path / 'report.md'}")
 
     def _write_report(self):
         if not self.is_main:

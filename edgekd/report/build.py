@@ -21,7 +21,15 @@ from edgekd.bench.results import BenchmarkResult
 from edgekd.errors import ConfigError
 from edgekd.fileio import atomic_write_json, atomic_write_text
 from edgekd.report.gate import evaluate_gate
-from edgekd.report.schema import AccuracyDrop, Comparison, LedgerEntry, Report, StageStatus, name_of_key
+from edgekd.report.schema import (
+    AccuracyDrop,
+    Comparison,
+    GateResult,
+    LedgerEntry,
+    Report,
+    StageStatus,
+    name_of_key,
+)
 
 MANIFEST_FILE = "manifest.json"
 BENCHMARK_FILE = "benchmark.json"
@@ -211,7 +219,14 @@ def build_report(run_dir: Path, gate: GateConfig | None = None) -> Report:
     if gate is None:
         gate = _gate_of_run(run_dir, manifest)
     if gate is not None and gate.max_accuracy_drop is not None:
-        report.gate = evaluate_gate(report, gate.max_accuracy_drop)
+        failed = report.failed_stages()
+        if failed:
+            # a run that stopped never passes its gate: the accuracies it has are of an earlier student
+            report.gate = GateResult(max_accuracy_drop=gate.max_accuracy_drop, worst=None, passed=False,
+                                     message=f"the run stopped at the failed stage {failed[0].key}, so the "
+                                             f"accuracy gate was not evaluated")
+        else:
+            report.gate = evaluate_gate(report, gate.max_accuracy_drop)
     return report
 
 
