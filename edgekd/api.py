@@ -115,8 +115,8 @@ def compress(recipe: RecipeLike, *, teacher: nn.Module | None = None, data: Any 
 
     ``teacher``/``data``: a trained module and in-memory splits (see the module docstring). ``out``: the
     run folder (default ``runs/<name>/<time>``); ``resume``: continue the run in ``out``. The runner's step
-    lines go to ``console`` (default stderr; ``quiet=True`` hides them; the trainer's epoch lines and the
-    benchmark's lines use their own console and still print).
+    lines, the trainers' epoch lines and the benchmark's lines go to ``console`` (default stderr);
+    ``quiet=True`` hides them all (library warnings still reach the ``warnings`` module).
 
     Returns a ``RunResult``: ``run_dir``; ``report`` (``edgekd.report.schema.Report``: ledger rows with
     params, MACs and val/test top-1 in %, artifacts, benchmark timings in ms, accuracy drops in points);

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from rich.console import Console
 
 from edgekd.bench.config import BenchmarkConfig
 from edgekd.bench.engine import BenchInputs, Candidate, TimingGroup, run_benchmark, unavailable_note
@@ -99,7 +98,7 @@ class BenchmarkStage(Stage[BenchmarkConfig]):
 
     def run(self, ctx: RunContext) -> None:
         cfg = self.config
-        console = Console(stderr=True)
+        console = ctx.console
         x_test, y_test = ctx.data.test_tensors(cfg.accuracy_samples)
         example = ctx.data.example_batch(1)
         counts: dict[str, tuple[int, int]] = {}

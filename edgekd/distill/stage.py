@@ -156,7 +156,8 @@ class DistillStage(Stage[DistillConfig]):
         objective = DistillObjective.from_config(ctx.teacher, config)
         data = training_data(ctx, config)
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
-                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights,
+                     console=ctx.console)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
         record_training(ctx, self.name, result, objective, config)
 
@@ -171,6 +172,7 @@ class FinetuneStage(Stage[FinetuneConfig]):
         config = self.config.concrete(ctx.student_from_weights)
         data = labeled_only(training_data(ctx, config))  # hard labels only: unlabeled inputs teach nothing here
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
-                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights)
+                     resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights,
+                     console=ctx.console)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
         record_training(ctx, self.name, result, objective, config)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 if TYPE_CHECKING:
@@ -106,6 +107,9 @@ class RunContext:
     stage_key: str | None = None
     #: that stage's name ("distill"): what it passes to ``stage_dir`` and files ``report_data`` under
     stage_name: str | None = None
+    #: the run's console: stages print through it (and hand it to ``fit``), so ``edgekd.compress(quiet=True)``
+    #: silences every line of the run, not just the runner's
+    console: Console = field(default_factory=lambda: Console(stderr=True))
 
     def add_artifact(self, artifact: Artifact) -> None:
         self.artifacts[artifact.key] = artifact

@@ -245,7 +245,8 @@ class Runner:
         self._save()
         try:
             teacher, info = prepare_teacher(self.recipe, data, self.run_dir.path, device,
-                                            resume=self.resume, given=self.teacher)
+                                            resume=self.resume, given=self.teacher,
+                                            console=self.console)
         except BaseException as exc:
             self._fail(record, started, exc)
             raise
@@ -267,7 +268,8 @@ class Runner:
         self.console.print(f"  teacher {teacher_spec(self.recipe).describe()}: val top-1 {acc:.2f}%, test "
                            f"{test_acc:.2f}%  ({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
         ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
-                         student=self._initial_student(teacher, data), resume=self.resume)
+                         student=self._initial_student(teacher, data), resume=self.resume,
+                         console=self.console)
         # restore before saving: saving a fresh context would overwrite the finished stages' artifacts
         self._restore(ctx)
         self._save(ctx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from edgekd.data.bundle import DataBundle
@@ -41,9 +42,11 @@ def load_given_teacher(recipe: Recipe, given: nn.Module, num_classes: int,
 
 
 def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: torch.device,
-                    resume: bool, given: nn.Module | None = None) -> tuple[nn.Module, dict]:
+                    resume: bool, given: nn.Module | None = None,
+                    console: Console | None = None) -> tuple[nn.Module, dict]:
     """Return the teacher in eval mode and facts about how it was obtained. ``given``: a trained module
-    from the Python API (``edgekd.compress(teacher=...)``): used instead of a checkpoint or training."""
+    from the Python API (``edgekd.compress(teacher=...)``): used instead of a checkpoint or training;
+    ``console``: where the teacher training's epoch lines go (the run's; default stderr)."""
     saved = run_path / "teacher" / "teacher.pt"
     if resume and saved.is_file():
         model, _ = load_portable(saved)
@@ -64,7 +67,7 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
         model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
         result = fit(model, CrossEntropyObjective(label_smoothing=cfg.train.label_smoothing), data, cfg.train,
                      run_path / "teacher" / "training", device=device, resume=resume, label="teacher",
-                     seed=recipe.seed)
+                     seed=recipe.seed, console=console)
         info = {"source": "trained by the recipe", "epochs": result.epochs_run,
                 "best_val_accuracy": result.best_val_accuracy}
     model = model.cpu().eval()
