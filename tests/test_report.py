@@ -122,6 +122,7 @@ def test_markdown_and_html_render_with_plots(run):
     # what the stages decided reaches the report, not only report.json: each distillation epoch
     # and each exported file with its parity figures
     assert "## Distillation epochs" in md and re.search(r"\| 1 \| [0-9.e-]+ \| \d+\.\d{4} \| \d+\.\d\d% \|", md)
+    assert "(rule: best val accuracy, on val)" in md  # an MLP student starts from random weights: the best epoch
     assert "## Exported files" in md and "| student | onnx | artifacts/student.onnx | ok |" in md
 
 

@@ -94,8 +94,9 @@ def distill_history_table(distill: Any, key: str | None = None) -> Table | None:
         return None
     start = distill.get("val_at_start")
     events = distill.get("guard_events") or []
-    caption = (f"val split; the student started at {_pct(start)}; best epoch {distill.get('best_epoch')} "
-               f"(chosen on val)")
+    rule = (distill.get("keep") or "best_val_accuracy").replace("_", " ")
+    caption = (f"val split; the student started at {_pct(start)}; kept epoch {distill.get('best_epoch')} "
+               f"(rule: {rule}, on val)")
     if events:
         caption += "; divergence guard: " + "; ".join(_guard_text(e) for e in events)
     t = Table(_titled("Distillation epochs", key), ["epoch", "lr", "train loss", "train top-1", "val loss", "val top-1"],
