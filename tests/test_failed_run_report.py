@@ -43,6 +43,8 @@ def test_a_run_that_fails_a_stage_writes_the_report_of_what_finished(tmp_path):
     # the failed stage and its message are in the summary at the top, before the tables
     head = markdown.split("\n## ", 1)[0]
     assert "1-distill failed" in head
+    # first of all: the figures under it describe the student before the stage that failed
+    assert head.split("\n- ", 1)[1].startswith("Stage **1-distill failed**")
     first_line_of_error = manifest["stages"][2]["error"].splitlines()[0]
     assert first_line_of_error[:60] in head
     # the stages that finished are reported: the prune stage's section is there

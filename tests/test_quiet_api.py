@@ -18,7 +18,7 @@ def test_quiet_compress_prints_nothing(tmp_path, capfd):
         "teacher": {"model": "mlp", "kwargs": {"hidden": 32},
                     "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.01}},
         "stages": [{"prune": {"ratio": 0.25, "probe": None}},
-                   {"distill": {"epochs": 1}}],
+                   {"distill": {"epochs": 1}}, {"export": {"formats": ["onnx"]}}],
         "benchmark": {"runtimes": ["torch"], "threads": [1], "batch_sizes": [1], "warmup": 1,
                       "min_time_s": 0.0, "min_iters": 2, "memory": False, "peak": False},
     }
@@ -28,7 +28,7 @@ def test_quiet_compress_prints_nothing(tmp_path, capfd):
         result = edgekd.compress(recipe, out=tmp_path / "run", quiet=True)
     out, err = capfd.readouterr()
     # the run did train (so the trainers had epoch lines to print) and benchmark
-    assert [s["status"] for s in result.manifest["stages"]] == ["done"] * 4
+    assert [s["status"] for s in result.manifest["stages"]] == ["done"] * 5
     assert result.report.benchmark is not None
     assert out == "", out
     assert err == "", err

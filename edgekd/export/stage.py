@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from edgekd.errors import EdgekdError, ParityError, RecipeError, StageError
@@ -330,7 +329,7 @@ class ExportStage(Stage[ExportConfig]):
 
     def run(self, ctx: RunContext) -> None:
         cfg = self.config
-        console = Console(stderr=True)
+        console = ctx.console  # quiet=True in the Python API silences the whole run
         out_dir = ctx.run_dir.path / "artifacts"
         out_dir.mkdir(parents=True, exist_ok=True)
         stage_dir = ctx.stage_dir("export")  # stages/<i>-export/: two export stages keep their own files

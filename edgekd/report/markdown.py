@@ -24,11 +24,13 @@ def markdown_table(table: Table) -> str:
 
 def summary_lines(report: Report) -> list[str]:
     """The verdicts at the top: gate, worst accuracy drop, notes, failed stages."""
-    lines = []
+    # a stopped run says so first: the figures below it describe the student before the failed stage
+    failed = report.failed_stages()
+    lines = [f"- Stage **{s.key} failed**: {s.error}" for s in failed]
     if report.gate is not None:
         lines.append(f"- **Gate {'passed' if report.gate.passed else 'FAILED'}**: {report.gate.message}.")
     worst = report.worst_drop()
-    if worst is not None and report.gate is None:
+    if worst is not None and report.gate is None and not failed:
         lines.append(f"- Largest accuracy drop: {worst.model} on {worst.runtime}, {worst.drop:.2f} points "
                      f"on the {worst.split} split ({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; "
                      f"{worst.basis}).")
@@ -36,8 +38,6 @@ def summary_lines(report: Report) -> list[str]:
     if report.accuracy_splits:
         lines.append(f"- Accuracy splits: benchmark and gate on {report.accuracy_splits.get('benchmark.accuracy')} "
                      f"(held out from every decision); the ledger shows val (what decisions read) and test.")
-    for s in report.failed_stages():
-        lines.append(f"- Stage **{s.key} failed**: {s.error}")
     if report.benchmark is not None:
         lines += [f"- Note{f' ({n.runtime})' if n.runtime else ''}: {n.message}" for n in report.benchmark.notes]
         lines.append(f"- Timed inputs: {report.benchmark.timing_input}.")
