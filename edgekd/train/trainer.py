@@ -369,7 +369,7 @@ def fit(
                         tensorboard.log(row)
                         console.print(
                             f"  {label} epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                            f"val {val_acc:.2f}% (best {state.best_acc:.2f}% @ {state.best_epoch})  "
+                            f"val {val_acc:.2f}% (kept {state.best_acc:.2f}% @ {state.best_epoch})  "
                             f"{row['train_time_s']:.1f}s", highlight=False)
                     good = take_snapshot(model, extra, scheduler, scaler, rng)
                     if on_epoch_end is not None:
