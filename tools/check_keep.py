@@ -37,15 +37,17 @@ from tools._compress import run_compress  # noqa: E402
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
-def prune_distill_recipe(out: Path) -> Path:
-    """The quickstart with only its prune and distill stages, the distill stage keeping the best val top-1."""
+def prune_distill_recipe(out: Path, seed: int) -> Path:
+    """The quickstart with only its prune and distill stages, the distill stage keeping the best val top-1,
+    at ``seed`` (which sets the teacher's initial weights, the batch order and the train/val/test split)."""
     recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["seed"] = seed
     stages = [s for s in recipe["stages"] if next(iter(s)) in ("prune", "distill")]
     for stage in stages:
         if "distill" in stage:
             stage["distill"] = {**stage["distill"], "keep": "best_val_accuracy"}
     recipe.update(stages=stages, benchmark=None)
-    path = out / "recipe.yaml"
+    path = out / f"recipe-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -79,11 +81,11 @@ def main() -> int:
     parser.add_argument("--nice", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = prune_distill_recipe(args.out)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print("seed | teacher | best val top-1: epoch, drop | last: epoch, drop | best val loss: epoch")
     for seed in args.seeds:
         run = args.out / f"seed{seed}"
+        recipe = prune_distill_recipe(args.out, seed)
         done = run_compress(recipe, run, nice=args.nice)
         if done.exit_code not in (0, 3):  # 3: the gate failed, the run and its files are complete
             print(f"{seed} | run failed (exit {done.exit_code}): {done.stderr.strip().splitlines()[-1:]}")
