@@ -6,6 +6,7 @@ None of these know about models: the objective feeds them logits and hooked feat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -181,7 +182,12 @@ class TermInputs:
 TermValue = tuple[Tensor, dict[str, Tensor]]
 
 
-class TermLoss:
+def term_layers(term: Any) -> tuple[str | None, str | None]:
+    """(student layer, teacher layer) a recipe term reads; None means the model's logits."""
+    return getattr(term, "student_layer", None), getattr(term, "teacher_layer", None)
+
+
+class TermLoss(ABC):
     """One loss term of a recipe (a ``distill.losses`` item), as the objective computes it.
 
     A subclass is the ``loss`` of a ``LossEntry`` (``edgekd.distill.config.LOSSES``). It reads the
@@ -197,17 +203,20 @@ class TermLoss:
 
     def layers(self) -> tuple[str | None, str | None]:
         """(student layer, teacher layer) the term reads; None means the model's logits."""
-        return getattr(self.term, "student_layer", None), getattr(self.term, "teacher_layer", None)
+        return term_layers(self.term)
 
     def check(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        """``ValueError`` (with what to change) when the term cannot compare features of these shapes."""
+        """``ValueError`` (with what to change) when the term cannot compare features of these shapes.
+        Any shapes by default (a term on the logits)."""
+        return None
 
     def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module | None:
         """The term's trainable module for features of these shapes, or None (the default)."""
         return None
 
+    @abstractmethod
     def __call__(self, inputs: TermInputs) -> TermValue:
-        raise NotImplementedError
+        """The term's unweighted loss (a scalar) and the detached values to log."""
 
 
 class KDLoss(TermLoss):

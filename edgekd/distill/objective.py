@@ -22,16 +22,11 @@ from torch import Tensor, nn
 from edgekd.data.bundle import DataBundle
 from edgekd.distill.config import FROM_SCRATCH, LOSSES, DistillConfig, LossTerm
 from edgekd.distill.hooks import FeatureTap
-from edgekd.distill.losses import KDSettings, TermInputs, TermLoss, masked_cross_entropy
+from edgekd.distill.losses import KDSettings, TermInputs, TermLoss, masked_cross_entropy, term_layers
 from edgekd.train.objectives import Batch, LossOutput, Objective
 
 #: teacher forward passes while building the cache run on chunks of this many samples
 CACHE_CHUNK = 256
-
-
-def term_layers(term: LossTerm) -> tuple[str | None, str | None]:
-    """(student layer, teacher layer) a term reads; None means the model's logits."""
-    return getattr(term, "student_layer", None), getattr(term, "teacher_layer", None)
 
 
 def term_losses(losses: list[LossTerm], settings: KDSettings) -> list[TermLoss]:

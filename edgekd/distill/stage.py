@@ -15,8 +15,8 @@ from edgekd.data.bundle import DataBundle
 from edgekd.data.transfer import keep_labels, label_counts, labeled_only
 from edgekd.distill.config import DistillConfig, FinetuneConfig
 from edgekd.distill.hooks import probe, resolve_layer
-from edgekd.distill.losses import KDSettings
-from edgekd.distill.objective import DistillObjective, term_layers, term_losses
+from edgekd.distill.losses import KDSettings, term_layers
+from edgekd.distill.objective import DistillObjective, term_losses
 from edgekd.errors import RecipeError, StageError
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
@@ -45,7 +45,7 @@ def check_distill_layers(config: DistillConfig, teacher: nn.Module, student: nn.
         raise RecipeError(f"the student predicts {s_logits.shape[-1]} classes but the teacher {t_logits.shape[-1]}",
                           key="distill", hint="distillation needs the same classes; set the student's num_classes")
     for i, (term, loss) in enumerate(zip(config.losses, term_losses(config.losses, KDSettings()), strict=True)):
-        s_name, t_name = term_layers(term)
+        s_name, t_name = loss.layers()
         if s_name is None or t_name is None:
             continue  # a term on the logits: the class check above covers it
         s_shape, t_shape = s_feats[s_name].shape, t_feats[t_name].shape
