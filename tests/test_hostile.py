@@ -343,7 +343,7 @@ def _npz_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def test_bad_data_files_are_data_errors(tmp_path):
     from edgekd.data.config import NpzData
-    from edgekd.data.sources import load_arrays
+    from edgekd.data.registry import load_arrays
     from edgekd.errors import DataError
 
     for name, (path, fragment) in _npz_cases(tmp_path).items():
@@ -357,7 +357,7 @@ def test_empty_class_folder_is_refused(tmp_path):
     from PIL import Image
 
     from edgekd.data.config import ImageFolderData
-    from edgekd.data.sources import load_arrays
+    from edgekd.data.registry import load_arrays
     from edgekd.errors import DataError
 
     for cls in ("cat", "dog", "empty"):

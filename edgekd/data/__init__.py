@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from edgekd.data.bundle import DataBundle
-from edgekd.data.config import DataConfig, DigitsData, Mnist1dData
-from edgekd.data.sources import load_arrays
+from edgekd.data.config import DigitsData, Mnist1dData
+from edgekd.data.registry import DataConfig, load_arrays
 from edgekd.errors import DataError
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from edgekd.recipe.base import StrictModel
 
 
-class _Common(StrictModel):
-    """Three splits, stratified by class and fixed by the recipe's seed: train (fits weights), val (every
+class SourceConfig(StrictModel):
+    """What every source's section shares (each source's ``dataset`` literal names it in
+    ``edgekd.data.registry``, which builds the recipe's ``data:`` union). Three splits, stratified by class and fixed by the recipe's seed: train (fits weights), val (every
     decision: best epoch, early stopping, quantize tolerance, prune search) and test (every reported
     figure and the gate). A source with its own test split (MNIST-1D, a factory) keeps it as test."""
 
@@ -25,21 +26,21 @@ class _Common(StrictModel):
     normalize: bool = Field(True, description="standardise inputs with the training split's per-channel mean/std")
 
     @model_validator(mode="after")
-    def _room_to_train(self) -> _Common:
+    def _room_to_train(self) -> SourceConfig:
         if self.val_fraction + self.test_fraction > 0.8:
             raise ValueError(f"val_fraction {self.val_fraction:g} + test_fraction {self.test_fraction:g} leave "
                              f"under 20% of the samples to train on; lower them")
         return self
 
 
-class DigitsData(_Common):
+class DigitsData(SourceConfig):
     """scikit-learn's bundled 1,797 real 8x8 handwritten digit scans, resized."""
 
     dataset: Literal["digits"]
     image_size: int = Field(32, ge=8, le=256, description="resize the 8x8 scans to this square size")
 
 
-class Mnist1dData(_Common):
+class Mnist1dData(SourceConfig):
     """MNIST-1D (Greydanus 2020), generated offline from its templates; its official test split is the test
     split, and val is held out of its training split."""
 
@@ -47,7 +48,7 @@ class Mnist1dData(_Common):
     num_samples: int = Field(5000, ge=100, description="samples generated (the official split keeps 20% for test)")
 
 
-class NpzData(_Common):
+class NpzData(SourceConfig):
     """A .npz file with arrays ``x`` (N, ...) and ``y`` (N,) of integer labels."""
 
     dataset: Literal["npz"]
@@ -56,7 +57,7 @@ class NpzData(_Common):
     y_key: str = "y"
 
 
-class ImageFolderData(_Common):
+class ImageFolderData(SourceConfig):
     """One sub-folder per class, images read with Pillow."""
 
     dataset: Literal["imagefolder"]
@@ -65,7 +66,7 @@ class ImageFolderData(_Common):
     channels: Literal[1, 3] = 3
 
 
-class FactoryData(_Common):
+class FactoryData(SourceConfig):
     """A user function ``package.module:function`` returning datasets of (x, y): ``(train, test)`` (val is then
     held out of train) or ``(train, val, test)``."""
 
@@ -74,7 +75,7 @@ class FactoryData(_Common):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class InMemoryData(_Common):
+class InMemoryData(SourceConfig):
     """Datasets held in memory by a Python caller: ``edgekd.compress(recipe, data=(train, test))`` or
     ``(train, val, test)``, each a torch ``Dataset`` of (x, y) or an ``(x, y)`` pair of tensors/arrays.
     val is held out of train when two are given. A recipe run by the CLI has no such data to read."""
@@ -86,6 +87,3 @@ class InMemoryData(_Common):
                                                "mean/std (off: the caller's tensors are used as given)")
 
 
-DataConfig = Annotated[
-    DigitsData | Mnist1dData | NpzData | ImageFolderData | FactoryData | InMemoryData, Field(discriminator="dataset")
-]

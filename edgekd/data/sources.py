@@ -1,4 +1,4 @@
-"""Turn a data config into raw arrays. One function per source type, picked by type.
+"""Turn a data config into raw arrays: one loader per source (``edgekd.data.registry`` pairs each with its config).
 
 Each loader returns ``Arrays``: numpy float32 inputs and int64 labels, with the source's own
 held-out splits where it has them (the caller holds out what is missing, stratified by seed).
@@ -6,7 +6,6 @@ held-out splits where it has them (the caller holds out what is missing, stratif
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,42 +194,9 @@ def load_factory_arrays(cfg: FactoryData) -> Arrays:
     return _splits_to_arrays(result, f"data factory {cfg.factory}")
 
 
-def load_memory_arrays(cfg: InMemoryData, datasets=None) -> Arrays:
+def load_memory_arrays(cfg: InMemoryData, datasets) -> Arrays:
     """The datasets a Python caller passed (``edgekd.compress(data=...)``)."""
-    if datasets is None:
-        raise DataError("dataset: memory reads datasets passed from Python (edgekd.compress(recipe, data=(train, "
-                        "test))), and none were passed",
-                        hint="name a source the CLI can read (digits, mnist1d, npz, imagefolder, factory)")
     return _splits_to_arrays(datasets, "data=")
-
-
-LOADERS: dict[type, Callable[..., Arrays]] = {
-    DigitsData: load_digits_arrays,
-    Mnist1dData: load_mnist1d_arrays,
-    NpzData: load_npz_arrays,
-    ImageFolderData: load_imagefolder_arrays,
-    FactoryData: load_factory_arrays,
-}
-
-
-def load_arrays(cfg, datasets=None) -> Arrays:
-    """The source's arrays, checked (``check_arrays``) before anything trains on them. ``datasets``: the
-    in-memory splits of ``dataset: memory`` (and only of it)."""
-    if isinstance(cfg, InMemoryData):
-        arrays = load_memory_arrays(cfg, datasets)
-    elif datasets is not None:
-        raise DataError(f"datasets were passed from Python but the recipe's data section reads {cfg.dataset}",
-                        hint="set data.dataset to memory (edgekd.compress does this when it is given data=)")
-    else:
-        arrays = LOADERS[type(cfg)](cfg)
-    check_arrays(arrays, describe_source(cfg))
-    return arrays
-
-
-def describe_source(cfg) -> str:
-    if isinstance(cfg, InMemoryData):
-        return "the datasets passed to edgekd.compress"
-    return str(getattr(cfg, "path", None) or getattr(cfg, "factory", None) or type(cfg).__name__)
 
 
 def check_arrays(arrays: Arrays, source: str) -> None:

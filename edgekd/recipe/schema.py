@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgekd.bench.config import BenchmarkConfig, GateConfig
-from edgekd.data.config import DataConfig
+from edgekd.data.registry import DataConfig
 from edgekd.models.spec import ModelSpec
 from edgekd.recipe.base import StrictModel
 from edgekd.recipe.stages import StageEntry
