@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from edgekd.errors import ModelError
+from edgekd.models.linear import LinearClassifier
 from edgekd.models.mobilenetv2 import MobileNetV2
 from edgekd.models.resnet_cifar import CifarResNet
 from edgekd.models.small import MLP, ConvNet1D, TinyViT
@@ -43,6 +44,10 @@ def _mlp(num_classes: int, input_shape: tuple[int, ...], **kw: Any) -> nn.Module
     return MLP(num_classes, in_features=math.prod(input_shape), **kw)
 
 
+def _linear(num_classes: int, input_shape: tuple[int, ...], **kw: Any) -> nn.Module:
+    return LinearClassifier(num_classes, in_features=math.prod(input_shape), **kw)
+
+
 def _vit_tiny(num_classes: int, input_shape: tuple[int, ...], **kw: Any) -> nn.Module:
     if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
         raise ModelError(f"vit_tiny expects square images shaped (C, H, W), got {tuple(input_shape)}")
@@ -55,6 +60,7 @@ BUILTIN_MODELS: dict[str, Builder] = {
     "mobilenetv2": _mobilenetv2,
     "cnn1d": _cnn1d,
     "mlp": _mlp,
+    "linear": _linear,
     "vit_tiny": _vit_tiny,
 }
 
