@@ -13,13 +13,10 @@ from edgekd.models import BUILTIN_MODELS, LogitsAdapter, ModelSpec
 from edgekd.models.checkpoint import load_checkpoint, save_state_dict
 from edgekd.models.portable import load_portable, save_portable
 
-SHAPES = {"resnet20": (1, 16, 16), "resnet56": (1, 16, 16), "mobilenetv2": (3, 16, 16), "cnn1d": (1, 40),
-          "mlp": (1, 40), "vit_tiny": (1, 16, 16)}
 
-
-@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_builtin_forward_and_backward(name):
-    shape = SHAPES[name]
+    shape = BUILTIN_MODELS[name].example_shape
     model = ModelSpec(model=name).build(7, shape)
     out = model(torch.randn(3, *shape))
     assert out.shape == (3, 7)

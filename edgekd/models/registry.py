@@ -10,6 +10,7 @@ import difflib
 import importlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,7 @@ from edgekd.models.linear import LinearClassifier
 from edgekd.models.mobilenetv2 import MobileNetV2
 from edgekd.models.resnet_cifar import CifarResNet
 from edgekd.models.small import MLP, ConvNet1D, TinyViT
+from edgekd.registry import Registry
 
 Builder = Callable[..., nn.Module]
 
@@ -54,15 +56,26 @@ def _vit_tiny(num_classes: int, input_shape: tuple[int, ...], **kw: Any) -> nn.M
     return TinyViT(num_classes, in_channels=input_shape[0], image_size=input_shape[1], **kw)
 
 
-BUILTIN_MODELS: dict[str, Builder] = {
-    "resnet20": _resnet(20),
-    "resnet56": _resnet(56),
-    "mobilenetv2": _mobilenetv2,
-    "cnn1d": _cnn1d,
-    "mlp": _mlp,
-    "linear": _linear,
-    "vit_tiny": _vit_tiny,
-}
+@dataclass(frozen=True)
+class ModelEntry:
+    """A built-in architecture: ``build(num_classes, input_shape, **kwargs) -> nn.Module``;
+    ``example_shape``: one sample shape (channels first) it accepts, which the coverage tests feed it."""
+
+    name: str
+    build: Builder
+    example_shape: tuple[int, ...]
+    summary: str
+
+
+BUILTIN_MODELS: Registry[ModelEntry] = Registry("model", [
+    ModelEntry("resnet20", _resnet(20), (1, 16, 16), "CIFAR ResNet-20 (He et al. 2016), kwargs: width"),
+    ModelEntry("resnet56", _resnet(56), (1, 16, 16), "CIFAR ResNet-56"),
+    ModelEntry("mobilenetv2", _mobilenetv2, (3, 16, 16), "MobileNetV2 (Sandler et al. 2018), kwargs: width_mult"),
+    ModelEntry("cnn1d", _cnn1d, (1, 40), "1-D CNN for signals such as MNIST-1D"),
+    ModelEntry("mlp", _mlp, (1, 40), "MLP over the flattened input (MNIST-1D paper: 2 x 256)"),
+    ModelEntry("linear", _linear, (1, 40), "one Linear layer over the flattened input (softmax regression)"),
+    ModelEntry("vit_tiny", _vit_tiny, (1, 16, 16), "a tiny ViT (Dosovitskiy et al. 2021) for square images"),
+])
 
 
 def unknown_name_hint(name: str, choices: list[str]) -> str:
@@ -91,7 +104,7 @@ def resolve_factory(path: str) -> Callable[..., Any]:
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
     try:
-        builder = BUILTIN_MODELS[name]
+        builder = BUILTIN_MODELS[name].build
     except KeyError:
         raise ModelError(f"unknown model {name!r}", hint=unknown_name_hint(name, list(BUILTIN_MODELS))) from None
     try:
