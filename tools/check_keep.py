@@ -9,6 +9,7 @@ and for each rule the epoch and the student's test drop against the teacher (poi
 
     python tools/check_keep.py --seeds 5 6 7 8 9
     python tools/check_keep.py --seeds 0 --out /tmp/keep --nice 5
+    python tools/check_keep.py --seeds 0 1 2 3 4 --distill batch_size=32 --distill epochs=8
 
 The rule adopted from this measurement (``keep: last`` from trained weights) is in docs/distill.md.
 """
@@ -37,7 +38,7 @@ from tools._compress import run_compress  # noqa: E402
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
-def prune_distill_recipe(out: Path, seed: int) -> Path:
+def prune_distill_recipe(out: Path, seed: int, distill_extra: dict | None = None) -> Path:
     """The quickstart with only its prune and distill stages, the distill stage keeping the best val top-1,
     at ``seed`` (which sets the teacher's initial weights, the batch order and the train/val/test split)."""
     recipe = yaml.safe_load(QUICKSTART.read_text())
@@ -45,7 +46,7 @@ def prune_distill_recipe(out: Path, seed: int) -> Path:
     stages = [s for s in recipe["stages"] if next(iter(s)) in ("prune", "distill")]
     for stage in stages:
         if "distill" in stage:
-            stage["distill"] = {**stage["distill"], "keep": "best_val_accuracy"}
+            stage["distill"] = {**stage["distill"], **(distill_extra or {}), "keep": "best_val_accuracy"}
     recipe.update(stages=stages, benchmark=None)
     path = out / f"recipe-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -79,13 +80,16 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[5, 6, 7, 8, 9])
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgekd-check-keep"))
     parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a key of the distill stage (YAML value), e.g. batch_size=32; repeatable")
     args = parser.parse_args()
+    distill_extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.distill)}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print("seed | teacher | best val top-1: epoch, drop | last: epoch, drop | best val loss: epoch")
     for seed in args.seeds:
         run = args.out / f"seed{seed}"
-        recipe = prune_distill_recipe(args.out, seed)
+        recipe = prune_distill_recipe(args.out, seed, distill_extra)
         done = run_compress(recipe, run, nice=args.nice)
         if done.exit_code not in (0, 3):  # 3: the gate failed, the run and its files are complete
             print(f"{seed} | run failed (exit {done.exit_code}): {done.stderr.strip().splitlines()[-1:]}")
