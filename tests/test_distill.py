@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from edgekd.distill.config import DistillConfig, FinetuneConfig, KDTerm
+from edgekd.distill.config import RECOVERY_MAX_BATCH, DistillConfig, FinetuneConfig, KDTerm
 from edgekd.distill.losses import (
     HintAdaptor,
     attention_loss,
@@ -261,6 +261,13 @@ def test_recovery_defaults_depend_on_where_the_student_starts():
     assert (warm.keep, cold.keep) == ("last", "best_val_accuracy")
     assert DistillConfig(early_stopping_patience=2).concrete(from_weights=True).keep == "best_val_accuracy"
     assert DistillConfig(keep="best_val_loss").concrete(from_weights=True).keep == "best_val_loss"
+    # from trained weights the batch is capped (more optimizer steps per epoch); the data's smaller batch or the
+    # stage's own batch_size wins; from random weights the data section's batch is used as it is
+    assert DistillConfig().concrete(True, data_batch=64).batch_size == RECOVERY_MAX_BATCH
+    assert DistillConfig().concrete(True, data_batch=8).batch_size == 8
+    assert DistillConfig(batch_size=128).concrete(True, data_batch=64).batch_size == 128
+    assert DistillConfig().concrete(False, data_batch=64).batch_size is None
+    assert FinetuneConfig().concrete(True, data_batch=64).batch_size == RECOVERY_MAX_BATCH
 
 
 def test_logit_standardization_ignores_the_teachers_logit_scale(teacher_and_pruned, digits8):

@@ -3,15 +3,16 @@
 Every method gets the same epochs, optimizer and schedule, and runs with three seeds (the
 seed sets the batch order and, for models built from scratch, the initial weights); tables
 show mean ± standard deviation of top-1 on the test split (which no choice saw) of the model
-``fit`` keeps (its best epoch on the val split), and that best val top-1.
+``fit`` keeps (``keep``: the last epoch from trained weights, else the best val epoch), and the best val top-1.
+Students pruned from the teacher train with the stages' recovery defaults from trained weights
+(``FinetuneConfig``/``DistillConfig``), as a recipe that names only the epochs gets them.
 
 1. digits (scikit-learn's real scans): ResNet-56 teacher; student = the teacher pruned 50% and
-   70% of channels (torch-pruning via ``edgekd.prune``, L2 magnitude, per layer); finetune vs
-   kd vs kd + hint (FitNets on ``layer2``).
+   70% of channels (torch-pruning via ``edgekd.prune``, L2 magnitude, per layer); finetune vs kd.
 2. MNIST-1D (official split, 4000 train / 1000 test): 1-D CNN teacher, MLP student (the paper's
    shape: 2 hidden layers of 256, Adam lr 1e-2, batch 100); finetune vs kd. Paper: CNN 94%, MLP 68%.
    Then the CNN itself pruned 50% and 70% (a student with room to grow, unlike digits): finetune
-   vs kd vs kd at T=1.
+   vs kd.
 3. Epoch time of kd with and without the teacher-output cache (ResNet-56 → 50% student),
    runs interleaved so machine load affects both alike.
 4. ``transfer``: 10% of the training labels kept (stratified by seed). The teacher, trained on the
@@ -50,7 +51,7 @@ from rich.console import Console
 
 from edgekd.data import digits_bundle, load_data
 from edgekd.data.config import Mnist1dData
-from edgekd.distill.config import HintTerm, KDTerm
+from edgekd.distill.config import RECOVERY_MAX_BATCH, DistillConfig, FinetuneConfig, KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
@@ -134,20 +135,32 @@ def digits_section(args) -> dict[float, dict]:
           f"ResNet-56 teacher "
           f"{t_params:,} params, {t_macs / 1e6:.1f} MMACs, top-1 {t_acc:.2f}% "
           f"({args.teacher_epochs} epochs, {time.perf_counter() - started:.0f} s)")
-    print(f"students: {args.epochs} epochs each, SGD lr 0.05 cosine; kd T=4 alpha=0.9; hint on layer2 (MSE, "
-          f"1x1 conv adaptor)")
-    config = TrainConfig(epochs=args.epochs, augment=args.augment)
-    methods = {
-        "finetune": lambda: CrossEntropyObjective(),
-        "kd": lambda: DistillObjective(teacher, [KD], temperature=4.0, alpha=0.9),
-        "kd+hint": lambda: DistillObjective(teacher, [KD, HintTerm(kind="hint", student_layer="layer2",
-                                                                  teacher_layer="layer2")], temperature=4.0, alpha=0.9),
-    }
-    return {ratio: prune_and_compare(teacher, data, ratio, methods, config, "digits") for ratio in args.ratios}
+    print(f"students: {args.epochs} epochs each, the recovery defaults from trained weights (finetune and distill "
+          f"as a recipe gets them: {recovery_summary()})")
+    runs = recovery_runs(teacher, data, args.epochs, args.augment)
+    return {ratio: prune_and_compare(teacher, data, ratio, runs, "digits") for ratio in args.ratios}
 
 
-def prune_and_compare(teacher, data, ratio: float, methods, config: TrainConfig, label: str) -> dict:
-    """Prune a copy of ``teacher`` by ``ratio`` (L2, per layer), then every method from those weights."""
+def recovery_summary() -> str:
+    kd = DistillConfig().concrete(True, data_batch=64)
+    return (f"SGD lr {kd.lr:g} after a {kd.warmup_epochs:g}-epoch warm-up, cosine, batch <= {RECOVERY_MAX_BATCH}, "
+            f"the last epoch kept; kd T={kd.temperature:g} alpha={kd.alpha:g}, gradient clipping {kd.grad_clip:g}")
+
+
+def recovery_runs(teacher, data, epochs: int, augment) -> dict[str, tuple[Callable[[], Objective], TrainConfig]]:
+    """finetune and kd for a student pruned from ``teacher``, each with its stage's defaults from trained
+    weights (``FinetuneConfig``/``DistillConfig(...).concrete(True)``): what a recipe that names only the
+    epochs gets."""
+    ft = FinetuneConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size)
+    kd = DistillConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size)
+    return {"finetune": (lambda: CrossEntropyObjective(), ft),
+            "kd": (lambda: DistillObjective.from_config(teacher, kd), kd)}
+
+
+def prune_and_compare(teacher, data, ratio: float, runs: dict[str, tuple[Callable[[], Objective], TrainConfig]],
+                      label: str) -> dict:
+    """Prune a copy of ``teacher`` by ``ratio`` (L2, per layer), then every run (objective, config) from those
+    weights."""
     example = data.example_batch(1)
     t_params, t_macs = count_params_macs(teacher, example)
     pruned = copy.deepcopy(teacher)
@@ -158,7 +171,8 @@ def prune_and_compare(teacher, data, ratio: float, methods, config: TrainConfig,
           f"({t_macs / macs:.1f}x fewer); top-1 right after pruning "
           f"{top1_accuracy(pruned, data.val_x, data.val_y):.1f}% val")
     header()
-    results = compare(methods, lambda _seed: copy.deepcopy(pruned), data, config, f"{label} {ratio:.0%}")
+    results = compare_runs({name: (make, data, config) for name, (make, config) in runs.items()},
+                           lambda _seed: copy.deepcopy(pruned), data, f"{label} {ratio:.0%}")
     print(f"vs finetune (test): {verdict(results)}")
     return results
 
@@ -194,15 +208,9 @@ def mnist1d_section(args) -> dict:
 
     # The same CNN pruned: unlike digits, the 70% student has room to grow (it recovers to ~87%
     # against the teacher's ~93%), so this is where a KD advantage would show if there were one.
-    config = TrainConfig(epochs=args.cnn_epochs, optimizer="adamw", lr=3e-3, batch_size=100,
-                         augment=args.augment)
-    print(f"\npruned CNN students: {args.cnn_epochs} epochs each, Adam lr 3e-3 cosine; kd T=4 alpha=0.9; "
-          f"kd T=1 = pure logit matching (alpha=1)")
-    methods = {"finetune": lambda: CrossEntropyObjective(),
-               "kd": lambda: DistillObjective(teacher, [KD], temperature=4.0, alpha=0.9),
-               "kd T=1": lambda: DistillObjective(teacher, [KD], temperature=1.0, alpha=1.0)}
-    pruned = {ratio: prune_and_compare(teacher, data, ratio, methods, config, "mnist1d cnn")
-              for ratio in args.ratios}
+    print(f"\npruned CNN students: {args.cnn_epochs} epochs each, the recovery defaults ({recovery_summary()})")
+    runs = recovery_runs(teacher, data, args.cnn_epochs, args.augment)
+    pruned = {ratio: prune_and_compare(teacher, data, ratio, runs, "mnist1d cnn") for ratio in args.ratios}
     return {"mlp": results, "pruned_cnn": pruned}
 
 
@@ -236,7 +244,7 @@ def transfer_section(args) -> dict:
     share, for a pruned student and one of another architecture, on digits and MNIST-1D."""
     from edgekd.data import mnist1d_bundle
     from edgekd.data.transfer import keep_labels, label_counts, labeled_only
-    from edgekd.distill.config import DistillConfig, FinetuneConfig, TransferSource
+    from edgekd.distill.config import TransferSource
 
     fraction = args.labeled_fraction
     source = TransferSource(kind="transfer", labeled_fraction=fraction)
@@ -272,8 +280,9 @@ def transfer_section(args) -> dict:
             results_by_seed: dict[str, tuple[list[float], list[float]]] = {}
             for seed in SEEDS:  # the labeled tenth is chosen by the seed too
                 few = keep_labels(full, fraction, seed)
-                kd_cfg = DistillConfig(epochs=args.transfer_epochs, source=source, **opt).concrete(from_weights)
-                ft_cfg = FinetuneConfig(epochs=round(args.transfer_epochs / fraction), **opt).concrete(from_weights)
+                kd_cfg = DistillConfig(epochs=args.transfer_epochs, source=source, **opt).concrete(from_weights, full.batch_size)
+                ft_cfg = FinetuneConfig(epochs=round(args.transfer_epochs / fraction), **opt).concrete(from_weights,
+                                                                                                     full.batch_size)
                 if not from_weights and opt.get("optimizer") == "adamw":  # the MNIST-1D paper's MLP recipe
                     kd_cfg = kd_cfg.model_copy(update={"lr": 1e-2, "weight_decay": 0.0})
                     ft_cfg = ft_cfg.model_copy(update={"lr": 1e-2, "weight_decay": 0.0})

@@ -45,7 +45,8 @@ CASES = {
 
 
 def recipe_for(name: str, *, seed: int, teacher_epochs: int, distill_epochs: int, gate: float,
-               distill_extra: dict[str, Any], teacher_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               distill_extra: dict[str, Any], teacher_extra: dict[str, Any] | None = None,
+               prune_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The case's recipe (plain YAML data): prune + distill + gate, nothing exported."""
     return {
         "name": f"recovery-{name}".replace("_", "-"),
@@ -54,7 +55,7 @@ def recipe_for(name: str, *, seed: int, teacher_epochs: int, distill_epochs: int
         "teacher": {"factory": CASES[name], "train": {"epochs": teacher_epochs, **(teacher_extra or {})}},
         "student": {"from": "teacher"},
         "stages": [
-            {"prune": {"importance": "l2", "ratio": 0.5, "round_to": 8, "probe": None}},
+            {"prune": {"importance": "l2", "ratio": 0.5, "round_to": 8, "probe": None, **(prune_extra or {})}},
             {"distill": {"epochs": distill_epochs, **distill_extra}},
         ],
         "gate": {"max_accuracy_drop": gate},
@@ -119,7 +120,8 @@ def run_case(name: str, out: Path, args: argparse.Namespace) -> CaseResult:
     recipe = folder / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(name, seed=args.seed, teacher_epochs=args.teacher_epochs,
                                                 distill_epochs=args.distill_epochs, gate=args.gate,
-                                                distill_extra=args.distill, teacher_extra=args.teacher),
+                                                distill_extra=args.distill, teacher_extra=args.teacher,
+                                                prune_extra=args.prune),
                                      sort_keys=False))
     run_dir = folder / "run"
     run = run_compress(recipe, run_dir, nice=args.nice, timeout=args.timeout)
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", type=float, default=2.0, help="max_accuracy_drop in points (test split)")
     parser.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra key of the distill stage (YAML value), e.g. lr=0.005; repeatable")
+    parser.add_argument("--prune", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra key of the prune stage, e.g. steps=3; repeatable")
     parser.add_argument("--teacher", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra key of the teacher's train block, e.g. lr=0.01; repeatable")
     parser.add_argument("--out", type=Path, help="keep recipes, logs and runs here (default: a temporary folder)")
@@ -175,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
     args.distill = {k: _value(v) for k, v in (item.split("=", 1) for item in args.distill)}
     args.teacher = {k: _value(v) for k, v in (item.split("=", 1) for item in args.teacher)}
+    args.prune = {k: _value(v) for k, v in (item.split("=", 1) for item in args.prune)}
 
     results = []
     with tempfile.TemporaryDirectory(prefix="edgekd-recovery-") as tmp:

@@ -134,6 +134,11 @@ class TransferSource(StrictModel):
 #: val top-1 of 8 readings on the quickstart's 269 val samples (one sample = 0.37 points) picked an epoch mid-schedule
 #: that lost 0.84 / 1.11 points on test where the last lost 0.56 / 0.56 (seeds 1 / 4; docs/distill.md).
 FROM_WEIGHTS = {"lr": 0.01, "warmup_epochs": 0.2, "alpha": 0.5, "keep": "last"}
+#: from trained weights the batch is at most this (the data section's batch_size when smaller): recovery needs
+#: optimizer steps more than throughput. 4 epochs of batch 64 on 1,169 samples are 76 steps; the zoo's ViT and
+#: Swin students, still rising at epoch 4, lost 3.62 / 7.24 points at batch 64 and 1.39 / 2.23 at batch 16, and
+#: the quickstart ... (docs/distill.md)
+RECOVERY_MAX_BATCH = 32
 #: a student of another architecture starts from random weights: the trainer's own defaults, Hinton's alpha
 FROM_SCRATCH = {"lr": 0.05, "warmup_epochs": 1.0, "alpha": 0.9, "keep": "best_val_accuracy"}
 
@@ -145,14 +150,21 @@ class _Recovery(TrainConfig):
                              "starts from trained (pruned or copied) weights, 0.05 from random weights")
     warmup_epochs: float | None = Field(None, ge=0.0, description="linear warm-up in epochs; null: 0.2 from "
                                         "trained weights, 1 from random weights")
+    batch_size: int | None = Field(None, ge=1, description="mini-batch size; null: the data section's batch_size, "
+                                   f"at most {RECOVERY_MAX_BATCH} when the student starts from trained weights "
+                                   "(recovery needs optimizer steps more than throughput)")
 
     source: TransferSource | None = Field(None, description="null: the training split with all its labels; "
                                           "{kind: transfer, labeled_fraction: F}: only a share keeps its labels")
 
-    def concrete(self, from_weights: bool) -> TrainConfig:
+    def concrete(self, from_weights: bool, data_batch: int | None = None) -> TrainConfig:
+        """Fill the defaults that depend on where the student starts (``FROM_WEIGHTS``/``FROM_SCRATCH``);
+        ``data_batch``: the data section's batch_size, capped at ``RECOVERY_MAX_BATCH`` from trained weights."""
         defaults = dict(FROM_WEIGHTS if from_weights else FROM_SCRATCH)
         if self.early_stopping_patience is not None:
             defaults["keep"] = "best_val_accuracy"  # early stopping is a search for the best epoch
+        if from_weights:
+            defaults["batch_size"] = min(data_batch or RECOVERY_MAX_BATCH, RECOVERY_MAX_BATCH)
         return self.model_copy(update={k: v for k, v in defaults.items()
                                        if k in type(self).model_fields and getattr(self, k) is None})
 
@@ -179,8 +191,8 @@ class DistillConfig(_Recovery):
                                                   "(turned off by augment: each step's view is new)")
     cache_max_mb: float = Field(1024.0, gt=0.0, description="skip the cache when it would need more memory")
 
-    def concrete(self, from_weights: bool) -> TrainConfig:
-        config = super().concrete(from_weights)
+    def concrete(self, from_weights: bool, data_batch: int | None = None) -> TrainConfig:
+        config = super().concrete(from_weights, data_batch)
         if self.alpha is None and self.source is not None:
             # most inputs have no label: soft targets are all they teach, whatever the student starts from
             config = config.model_copy(update={"alpha": FROM_SCRATCH["alpha"]})

@@ -60,6 +60,8 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
     """The ledger row's notes: how the student was trained, in a few words a report reader needs."""
     notes: dict[str, Any] = {"epochs": result.epochs_run, "best_epoch": result.best_epoch, "keep": config.keep,
                              "lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip}
+    if config.batch_size is not None:
+        notes["batch_size"] = config.batch_size
     if result.start_val_accuracy is not None:
         notes["val_at_start"] = round(result.start_val_accuracy, 2)
     if isinstance(objective, DistillObjective):
@@ -130,7 +132,7 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
         "val_at_start": result.start_val_accuracy,
         "guard_events": result.guard_events,
         "settings": {"lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip,
-                     "from_weights": ctx.student_from_weights},
+                     "batch_size": config.batch_size or ctx.data.batch_size, "from_weights": ctx.student_from_weights},
     }
     if cache is not None and cache.get("enabled"):
         # one cached pass replaced a teacher forward pass in every epoch after the first
@@ -152,7 +154,7 @@ class DistillStage(Stage[DistillConfig]):
         check_distill_layers(self.config, ctx.teacher, ctx.student, ctx.example_batch)
 
     def run(self, ctx: RunContext) -> None:
-        config = self.config.concrete(ctx.student_from_weights)
+        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size)
         objective = DistillObjective.from_config(ctx.teacher, config)
         data = training_data(ctx, config)
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
@@ -169,7 +171,7 @@ class FinetuneStage(Stage[FinetuneConfig]):
 
     def run(self, ctx: RunContext) -> None:
         objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
-        config = self.config.concrete(ctx.student_from_weights)
+        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size)
         data = labeled_only(training_data(ctx, config))  # hard labels only: unlabeled inputs teach nothing here
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights,

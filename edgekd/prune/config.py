@@ -89,7 +89,8 @@ class RecoveryConfig(StrictModel):
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="distill: softmax temperature")
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="distill: share of the soft (teacher) loss")
     grad_clip: float | None = Field(5.0, gt=0.0, description="clip the global gradient norm; null: off")
-    batch_size: int | None = Field(None, ge=1, le=4096, description="mini-batch size; null: the data section's")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="mini-batch size; null: the data section's, at "
+                                   "most 32 (recovery from trained weights, as distill and finetune)")
 
 
 _TARGET_KEYS = ("ratio", "macs_reduction", "params_reduction", "latency", "speedup")

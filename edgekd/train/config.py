@@ -84,10 +84,10 @@ class TrainConfig(StrictModel):
                           "0.5 (TensorFlow's decay read as PyTorch's momentum, as in Hugging Face MobileNetV1/V2: "
                           "its running statistics are the last batch's)")
 
-    def concrete(self, from_weights: bool) -> TrainConfig:
+    def concrete(self, from_weights: bool, data_batch: int | None = None) -> TrainConfig:
         """This config with every default that depends on the start filled in: ``from_weights`` is True
         when training starts from trained (pruned or copied) weights. Plain training keeps the epoch with
-        the best val accuracy."""
+        the best val accuracy. ``data_batch``: the data section's batch_size (recovery configs cap it)."""
         return self if self.keep is not None else self.model_copy(update={"keep": "best_val_accuracy"})
 
     @model_validator(mode="after")

@@ -276,7 +276,7 @@ def fit(
     start_acc = evaluate(model, data.val_x, data.val_y, device=device)[0]
     if from_weights is None:
         from_weights = not at_chance(start_acc, data.num_classes, config.guard.chance_margin)
-    config = config.concrete(from_weights)
+    config = config.concrete(from_weights, getattr(data, "batch_size", None))
 
     batch_size = config.batch_size or getattr(data, "batch_size", None) or DEFAULT_BATCH_SIZE
     world = dist_utils.world_size()
