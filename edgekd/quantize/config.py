@@ -11,6 +11,7 @@ The method is a typed union picked by ``kind`` (a bare string is shorthand for i
     - quantize: {method: ort_dynamic}                      # Linear/MatMul-heavy models
     - quantize: {method: {kind: executorch, samples: 256}} # PT2E + XNNPACK quantizer -> .pte
     - quantize: {method: {kind: qat, epochs: 3, temperature: 4, alpha: 0.7}}
+    - quantize: {method: ort_static, also: [executorch]}  # INT8 .onnx and INT8 .pte, each kept where faster
 
 Each method is one entry of ``QUANT_METHODS`` below; ``edgekd.quantize.methods.run_method`` dispatches
 through it.
@@ -22,7 +23,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekd.recipe.base import StrictModel
 from edgekd.registry import Registry
@@ -227,6 +228,12 @@ class SensitivityConfig(StrictModel):
 
 class QuantizeConfig(StrictModel):
     method: QuantMethod = Field(default_factory=OrtStaticMethod, description="how to quantize (by 'kind')")
+    also: list[QuantMethod] = Field(
+        default_factory=list, max_length=len(QUANT_METHODS),
+        description="more methods the same stage runs, each for another file format (e.g. [executorch]: the "
+                    "XNNPACK INT8 .pte beside the ONNX INT8); each is timed against its own FP32 file on its own "
+                    "runtime, under the same tolerance and speed rules, and ships student.int8.<format> only "
+                    "where it wins")
     max_accuracy_drop: float | None = Field(
         0.5, ge=0.0, le=100.0,
         description="top-1 points INT8 may lose against FP32 on the target runtime; null = not checked")
@@ -243,3 +250,27 @@ class QuantizeConfig(StrictModel):
     def _method_shorthand(cls, value: Any) -> Any:
         # `method: ort_static` reads better in YAML than `method: {kind: ort_static}`
         return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("also", mode="before")
+    @classmethod
+    def _also_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):  # `also: executorch` for a list of one
+            value = [value]
+        return [{"kind": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _one_method_per_format(self) -> QuantizeConfig:
+        # each method ships student.int8.<format>: two for one format would overwrite each other's file
+        seen: dict[str, str] = {}
+        for where, method in self.keyed_methods():
+            fmt = QUANT_METHODS[method.kind].fmt
+            if fmt in seen:
+                raise ValueError(f"{where} ({method.kind}) makes .{fmt} files like {seen[fmt]}: one method per "
+                                 f"format (list methods for other formats under 'also', e.g. also: [executorch])")
+            seen[fmt] = f"{where} ({method.kind})"
+        return self
+
+    def keyed_methods(self) -> list[tuple[str, Any]]:
+        """(recipe key under ``quantize``, method) of every method the stage runs: ``method`` first, then
+        ``also.0``, ``also.1``, ..."""
+        return [("method", self.method), *((f"also.{i}", m) for i, m in enumerate(self.also))]

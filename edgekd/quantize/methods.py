@@ -196,9 +196,10 @@ def run_qat(method: QatMethod, job: QuantizeJob) -> SearchOutcome:
     return _search(job, method, _bench(job, method), fp32, [build], notes=notes)
 
 
-def run_method(job: QuantizeJob) -> SearchOutcome:
-    """Run ``job.config.method`` through its registry entry's flow (``QUANT_METHODS[method.kind]``)."""
-    method = job.config.method
+def run_method(job: QuantizeJob, method: QuantMethod | None = None) -> SearchOutcome:
+    """Run ``method`` (default ``job.config.method``; the stage passes each of ``also`` too) through its
+    registry entry's flow (``QUANT_METHODS[method.kind]``)."""
+    method = job.config.method if method is None else method
     return QUANT_METHODS[method.kind].run(method, job)
 
 

@@ -2,7 +2,8 @@
 
 It needs the FP32 student as the target runtime runs it: the export stage's artifact when that
 stage ran earlier, otherwise it exports one itself into ``artifacts/``. An INT8 artifact is
-added only when the search ships one; every candidate's numbers and the decision go to
+added only when the search ships one, per method (``method`` and each of ``also``, one file format each:
+``student.int8.onnx``, ``student.int8.pte``); every candidate's numbers and the decision go to
 ``report_data["quantize"]``. On any failure the FP32 artifacts stay as they were.
 """
 
@@ -21,6 +22,9 @@ from edgekd.quantize.candidates import SearchOutcome
 from edgekd.quantize.config import QUANT_METHODS, QuantizeConfig
 from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
 
+#: validation samples the per-layer INT8 error is measured on (every tensor of both graphs is kept per batch)
+LAYER_ERROR_SAMPLES = 128
+
 
 def calibration_request(method: object) -> tuple[str | None, int]:
     """(recipe key under ``quantize``, number) of the training samples a method calibrates on (its registry
@@ -33,22 +37,24 @@ class QuantizeStage(Stage[QuantizeConfig]):
     name: ClassVar[str] = "quantize"
 
     def check(self, ctx: ValidationContext) -> None:
-        method = self.config.method
-        if QUANT_METHODS[method.kind].needs_executorch:
-            # torch.export + the XNNPACK quantizer, which ship with executorch/torchao
-            from edgekd.quantize.executorch_quant import require_executorch
+        for where, method in self.config.keyed_methods():
+            if QUANT_METHODS[method.kind].needs_executorch:
+                # torch.export + the XNNPACK quantizer, which ship with executorch/torchao
+                from edgekd.quantize.executorch_quant import require_executorch
 
-            try:
-                require_executorch()
-            except RuntimeUnavailableError as exc:
-                raise RecipeError(exc.message, key="quantize.method", hint=exc.hint) from exc
-        # calibration draws real training samples: more than the split holds would fail only after
-        # the training stages before this one had run
-        key, wanted = calibration_request(method)
-        if key is not None and ctx.train_samples is not None and wanted > ctx.train_samples:
-            raise RecipeError(f"{wanted} calibration samples asked for, but the training split holds "
-                              f"{ctx.train_samples}", key=f"quantize.{key}",
-                              hint=f"set {key} to at most {ctx.train_samples}")
+                try:
+                    require_executorch()
+                except RuntimeUnavailableError as exc:
+                    raise RecipeError(exc.message, key=f"quantize.{where}", hint=exc.hint) from exc
+            # calibration draws real training samples: more than the split holds would fail only after
+            # the training stages before this one had run
+            key, wanted = calibration_request(method)
+            if key is not None:
+                key = where + key.removeprefix("method")  # also.0.samples for the first of `also`
+            if key is not None and ctx.train_samples is not None and wanted > ctx.train_samples:
+                raise RecipeError(f"{wanted} calibration samples asked for, but the training split holds "
+                                  f"{ctx.train_samples}", key=f"quantize.{key}",
+                                  hint=f"set {key} to at most {ctx.train_samples}")
 
     def run(self, ctx: RunContext) -> None:
         workdir = ctx.stage_dir("quantize")
@@ -56,26 +62,64 @@ class QuantizeStage(Stage[QuantizeConfig]):
                           workdir=workdir, fp32_onnx=lambda: self._fp32_onnx(ctx),
                           fp32_pte=lambda: self._fp32_pte(ctx, job), device=ctx.device, seed=ctx.recipe.seed,
                           resume=ctx.resume)
-        outcome = run_method(job)
+        # every method first, then the files: a failure in the second method leaves no INT8 file of the first
+        outcomes = [(method, run_method(job, method)) for _, method in self.config.keyed_methods()]
         root = ctx.run_dir.path
-        shipped = outcome.decision.shipped
-        report = outcome.to_json(root)
-        report["method"] = self.config.method.model_dump()
-        if outcome.decision.ships_int8:
-            artifact = self._ship(ctx, outcome)
-            report["artifact"] = str(artifact.path.relative_to(root))
-        ctx.report_data["quantize"] = report
+        reports = []
+        for method, outcome in outcomes:
+            report = outcome.to_json(root)
+            report["method"] = method.model_dump()
+            if outcome.fmt == "onnx":
+                report["layer_error"] = self._layer_error(ctx, outcome, workdir)
+            if outcome.decision.ships_int8:
+                report["artifact"] = str(self._ship(ctx, method.kind, outcome).path.relative_to(root))
+            reports.append(report)
+        # the first method's report keeps its place (report.json readers of one method see no change); the
+        # others, one per format, go under "also"
+        ctx.report_data["quantize"] = {**reports[0], "also": reports[1:]} if reports[1:] else reports[0]
         params, macs = count_params_macs(ctx.student, ctx.data.example_batch(1))
-        speedup = shipped.speedup_over(outcome.fp32)
+        (_, first), notes = outcomes[0], {}
+        for _, outcome in outcomes[1:]:
+            notes[outcome.fmt] = {**self._ledger_notes(outcome), "reason": outcome.decision.reason}
         ctx.ledger.append(LedgerRow(
-            stage="quantize", params=params, macs=macs, val_accuracy=shipped.accuracy,
-            notes={"shipped": shipped.name, "precision": shipped.precision, "runtime": outcome.runtime,
-                   "threads": outcome.threads, "batch_size": outcome.batch_size,
-                   "speedup_vs_fp32": None if speedup is None else round(speedup, 3),
-                   "accuracy_on": outcome.runtime, "reason": outcome.decision.reason}))
+            stage="quantize", params=params, macs=macs, val_accuracy=first.decision.shipped.accuracy,
+            notes={**self._ledger_notes(first), "accuracy_on": first.runtime, "reason": first.decision.reason,
+                   **notes}))
+
+    def _layer_error(self, ctx: RunContext, outcome: SearchOutcome, workdir: Path) -> dict[str, object] | None:
+        """Per-layer error (``layer_error.layer_errors``) of the shipped INT8 ONNX model, or, when FP32 stayed, of
+        the most accurate INT8 candidate: the one whose loss needs explaining. None without a QDQ candidate."""
+        from edgekd.quantize.layer_error import layer_errors
+
+        shipped = outcome.decision.shipped
+        measured = [c for c in outcome.candidates if c.ok and c.path is not None]
+        target = shipped if outcome.decision.ships_int8 else max(measured, key=lambda c: c.accuracy, default=None)
+        if target is None:
+            return None
+        # the graph the candidates were quantized from, so tensor names match (the exported file otherwise)
+        prepared = workdir / "student.fp32.prep.onnx"
+        fp32 = prepared if prepared.is_file() else outcome.fp32.path
+        samples = min(LAYER_ERROR_SAMPLES, self.config.eval_samples or LAYER_ERROR_SAMPLES)
+        x, _ = ctx.data.val_tensors(samples)
+        try:
+            rows = layer_errors(fp32, target.path, x.numpy(), workdir / "layer_error")
+        except Exception as exc:  # a debugging view: its failure is reported, never the stage's
+            return {"candidate": target.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        if rows is None:
+            return {"candidate": target.name, "error": "not a QDQ graph: ONNX Runtime's QDQ debugging tools "
+                                                       "match QuantizeLinear/DequantizeLinear pairs only"}
+        return {"candidate": target.name, "samples": len(x), "shipped": target is shipped, "rows": rows}
+
+    @staticmethod
+    def _ledger_notes(outcome: SearchOutcome) -> dict[str, object]:
+        shipped = outcome.decision.shipped
+        speedup = shipped.speedup_over(outcome.fp32)
+        return {"shipped": shipped.name, "precision": shipped.precision, "runtime": outcome.runtime,
+                "threads": outcome.threads, "batch_size": outcome.batch_size,
+                "speedup_vs_fp32": None if speedup is None else round(speedup, 3)}
 
     # -- files -------------------------------------------------------------------------------
-    def _ship(self, ctx: RunContext, outcome: SearchOutcome) -> Artifact:
+    def _ship(self, ctx: RunContext, kind: str, outcome: SearchOutcome) -> Artifact:
         shipped = outcome.decision.shipped
         assert shipped.path is not None
         target = ctx.run_dir.path / "artifacts" / f"student.int8.{outcome.fmt}"
@@ -83,7 +127,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             shutil.copyfile(shipped.path, tmp)
         speedup, drop = shipped.speedup_over(outcome.fp32), shipped.drop_from(outcome.fp32)
         artifact = Artifact(role="student", fmt=outcome.fmt, path=target, precision="int8", info={
-            "method": self.config.method.kind, "candidate": shipped.name, "settings": shipped.settings,
+            "method": kind, "candidate": shipped.name, "settings": shipped.settings,
             "float_nodes": shipped.excluded_nodes, "runtime": outcome.runtime, "threads": outcome.threads,
             "batch_size": outcome.batch_size, "latency_ms": shipped.latency_ms, "fp32_latency_ms": outcome.fp32.latency_ms,
             "speedup_vs_fp32": None if speedup is None else round(speedup, 3),

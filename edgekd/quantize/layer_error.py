@@ -1,0 +1,98 @@
+"""Where an INT8 ONNX model loses accuracy: per-tensor error of the QDQ graph against FP32.
+
+ONNX Runtime's own debugging tools (``onnxruntime.quantization.qdq_loss_debug``) do the work: both
+graphs are augmented to output every intermediate float tensor, run on the same real validation
+samples, and matched by tensor name. For each activation the result holds two signal-to-quantization-
+noise ratios (SQNR, dB; higher is better, every 6 dB is about one bit):
+
+- ``qdq_err``: the tensor before vs after its own Quantize/DequantizeLinear pair: the error this one
+  quantization step adds;
+- ``xmodel_err``: the FP32 model's tensor vs the INT8 model's dequantized one: the error accumulated
+  up to this point of the network.
+
+A layer whose ``xmodel_err`` drops sharply against its input's is where accuracy goes; a low
+``qdq_err`` says its activation range is hard to represent in 8 bits (outliers). Only QDQ models
+can be matched (QOperator graphs fuse the pairs away): other formats give ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+#: rows kept in the report (the worst first); report.json keeps them all
+MAX_ROWS = 200
+
+
+class _Reader:
+    """``CalibrationDataReader`` over real samples, one batch per call (ORT's tools take this protocol)."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch_size: int) -> None:
+        self.batches = iter([{input_name: np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)}
+                             for i in range(0, len(x), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return round(f, 2) if math.isfinite(f) else None
+
+
+def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, *, batch_size: int = 32
+                 ) -> list[dict[str, Any]] | None:
+    """Per-activation SQNR of ``qdq_path`` against ``fp32_path`` (the float graph it was quantized from) on
+    samples ``x`` [N, C, H, W] float32; rows in graph order, each ``{tensor, node, op_type, xmodel_sqnr_db,
+    qdq_sqnr_db}``. None when the INT8 graph has no QuantizeLinear/DequantizeLinear pairs to match (QOperator,
+    dynamic quantization)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    qdq = onnx.load(str(qdq_path), load_external_data=False)
+    if not any(n.op_type == "DequantizeLinear" for n in qdq.graph.node) or not any(
+            n.op_type == "QuantizeLinear" for n in qdq.graph.node):
+        return None
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    input_name = fp32.graph.input[0].name
+    producer = {out: node for node in fp32.graph.node for out in node.output}
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32_aug, qdq_aug = workdir / "fp32.debug.onnx", workdir / "int8.debug.onnx"
+    modify_model_output_intermediate_tensors(str(fp32_path), str(fp32_aug))
+    modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
+    try:
+        float_acts = collect_activations(str(fp32_aug), _Reader(input_name, x, batch_size))
+        qdq_acts = collect_activations(str(qdq_aug), _Reader(input_name, x, batch_size))
+        errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    finally:  # the augmented copies are as large as the models and only needed here
+        for path in (fp32_aug, qdq_aug):
+            path.unlink(missing_ok=True)
+    order = {out: i for i, node in enumerate(fp32.graph.node) for out in node.output}
+    rows = []
+    for tensor, err in errors.items():
+        node = producer.get(tensor)
+        rows.append({"tensor": tensor, "node": node.name if node is not None else "(graph input)",
+                     "op_type": node.op_type if node is not None else "input",
+                     "xmodel_sqnr_db": _finite(err.get("xmodel_err")), "qdq_sqnr_db": _finite(err.get("qdq_err"))})
+    rows.sort(key=lambda r: order.get(r["tensor"], -1))
+    return rows[:MAX_ROWS]
