@@ -55,6 +55,21 @@ def test_statistics_are_exact_on_known_durations():
     assert "samples_ms" not in stats.to_json() and stats.to_json()["p50_ms"] == stats.p50_ms
 
 
+def test_no_p99_from_fewer_than_100_calls():
+    from edgekd.bench.latency import MIN_ITERS_P99
+
+    clock = FakeClock()
+    durations = iter([0.001 * (i % 10 + 1) for i in range(1000)])
+
+    def call() -> None:
+        clock.now += next(durations)
+
+    few = measure(call, warmup=0, min_time_s=0.0, min_iters=MIN_ITERS_P99 - 1, clock=clock)
+    # of 99 calls the "99th percentile" is their slowest: not stored (and the report prints "—")
+    assert few.iters == 99 and few.p99_ms is None and few.p90_estimated and few.to_json()["p99_ms"] is None
+    assert measure(call, warmup=0, min_time_s=0.0, min_iters=5, clock=clock).p90_estimated is False
+
+
 def test_stop_rule_counts_rounds_and_the_slowest_candidates_time():
     clock = FakeClock()
     stats = measure_interleaved({"slow": clock.work(0.010), "fast": clock.work(0.001)}, warmup=3,
@@ -177,6 +192,14 @@ def test_gemm_peak_is_positive_per_size():
     assert achieved_gflops(None, 10, 2.0) is None
 
 
+def test_int8_gemm_peak_runs_u8s8_through_onnxruntime():
+    from edgekd.bench.peak import int8_gemm_peak
+
+    peak = int8_gemm_peak(1, sizes=(64, 128), min_time_s=0.01, min_iters=3)
+    assert peak.precision == "int8" and "MatMulInteger" in peak.backend and set(peak.by_size) == {"64", "128"}
+    assert peak.gflops == max(peak.by_size.values()) > 0
+
+
 # -- real files: memory and `edgekd benchmark` ----------------------------------------------------------
 
 def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -201,7 +224,7 @@ def test_benchmark_files_int8_onnx_against_fp32_teacher(digits8, tmp_path):
     np.savez(tmp_path / "val.npz", x=x.numpy(), y=y.numpy())
     out = tmp_path / "bench"
     result = benchmark_files(int8, against=fp32, threads=[1], batch_sizes=[1, 8], warmup=1, min_time_s=0.02,
-                             min_iters=5, data=tmp_path / "val.npz", memory=True, peak=False, out=out)
+                             min_iters=5, data=tmp_path / "val.npz", memory=True, peak=True, out=out)
     assert {m.label for m in result.models} == {"teacher", "student-int8"}
     assert all(m.runtime == "onnxruntime" and m.error is None for m in result.models)
     timed = {(t.label, t.batch_size): t for t in result.timings}
@@ -225,6 +248,10 @@ def test_benchmark_files_int8_onnx_against_fp32_teacher(digits8, tmp_path):
         assert m.macs == sum(lin.in_features * lin.out_features for lin in linear)
         assert m.params == sum(p.numel() for p in teacher.parameters())
     assert all(t.gflops > 0 for t in result.timings)
+    # each model's rate against the GEMM peak of its own precision: INT8 operations over the INT8 probe
+    assert {p.precision for p in result.peaks} == {"fp32", "int8"}
+    for t in result.timings:
+        assert t.peak_share == pytest.approx(t.gflops / result.peak(1, t.precision).gflops)
     report = Report.model_validate_json((out / "report.json").read_text())
     assert report.benchmark is not None and len(report.comparisons) == 2
     assert "student-int8" in (out / "report.md").read_text()

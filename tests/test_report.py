@@ -108,12 +108,28 @@ def test_report_json_holds_the_benchmark_of_every_installed_runtime(run):
 def test_markdown_and_html_render_with_plots(run):
     _, out = run
     md = (out / "report.md").read_text()
-    for heading in ("## Teacher vs student", "## Accuracy on each runtime", "## Latency", "## Size and memory",
-                    "## Machine limit (FP32 GEMM)", "## Stage ledger", "## Machine", "## Speed-ups"):
+    for heading in ("## What ships: the deployed student per runtime", "## Teacher vs student",
+                    "## Accuracy on each runtime", "## Latency", "## Size and memory",
+                    "## Machine limit (GEMM peak per precision)", "## Stage ledger", "## Machine"):
         assert heading in md, heading
-    assert "measured latency on onnxruntime, 1 thread, batch 16" in md and "Gate FAILED" in md
-    # no quantize stage: the FP32 student is what ships, with its measured speed-ups per runtime
-    assert "**Deployed student** (`artifacts/student.onnx`, FP32): measured speed-up over the teacher on torch" in md
+    # top-down: what ships first, then the comparison, what the stages did, the detailed measurements last
+    order = [md.index(h) for h in ("## What ships", "## Teacher vs student", "## Stage ledger",
+                                   "## Distillation epochs", "## Latency", "## Machine limit")]
+    assert order == sorted(order)
+    assert "Gate FAILED" in md and "## Speed-ups" not in md  # one summary line, not a list repeating the table
+    # no quantize stage: the FP32 student ships on every runtime, one row each; the summary is one line
+    assert "| onnxruntime | artifacts/student.onnx | FP32 |" in md and "| torch | artifacts/student.pt | FP32 |" in md
+    assert re.search(r"- \*\*Deployed students\*\* \(FP32 on [a-z, -]+\): [0-9.]+x \(\S+, 1t, batch \d+\) to [0-9.]+x", md)
+    # .ort files are optimised for ARM: their rows say so on this x86 machine
+    assert "| ort-mobile (ARM-optimised, timed on x86) |" in md and "optimised for ARM" in md
+    # a percentile only from enough timed calls (p99: 100), else "—"; the iterations of every cell are printed
+    latency = md[md.index("## Latency"):].split("\n## ")[0]
+    rows = [row.split(" | ") for row in latency.splitlines() if row.startswith("| ") and "not timed" not in row]
+    assert rows[0][9] == "iters" and len(rows) > 1
+    assert all((row[6] == "—") == (int(row[9]) < 100) and (row[5] == "—") == (int(row[9]) < 10) for row in rows[1:])
+    # where the deployed ONNX student's time goes: ONNX Runtime's profiler, per operator type
+    assert "## Where the time goes: operator profile of the deployed student (onnxruntime)" in md
+    assert re.search(r"\| Gemm \| \d+ \| [0-9.]+ \| [0-9.]+% \|", md)
     html = (out / "report.html").read_text()
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) == 3 and all(len(i) > 1000 for i in images)  # latency, Pareto, ledger
@@ -186,15 +202,16 @@ def test_deployed_student_is_the_shipped_int8_file_when_quantize_shipped_one():
                   "status": "ok"},
                  {"role": "student", "fmt": "onnx", "path": "artifacts/student.int8.onnx", "precision": "int8",
                   "status": "ok"}]
-    comparisons = [Comparison(runtime="onnxruntime", threads=1, batch_size=b, model=m, teacher_p50_ms=10.0,
+    comparisons = [Comparison(runtime=r, threads=1, batch_size=b, model=m, teacher_p50_ms=10.0,
                               p50_ms=10.0 / x, speedup=x, teacher_top1_pct=99.0, top1_pct=98.5)
-                   for m, b, x in (("student", 1, 3.0), ("student-int8", 1, 5.0), ("student-int8", 32, 7.25))]
+                   for r, m, b, x in (("onnxruntime", "student", 1, 3.0), ("onnxruntime", "student-int8", 1, 5.0),
+                                      ("onnxruntime", "student-int8", 32, 7.25), ("torch", "student", 1, 2.5))]
     report = Report(generated="now", run_dir="run", name="r", artifacts=artifacts, comparisons=comparisons)
     assert report.deployed_student() == ("student-int8", "artifacts/student.int8.onnx")
     (line,) = deployed_lines(report)
-    assert "`artifacts/student.int8.onnx`, INT8" in line and "3.00x" not in line
-    assert "on onnxruntime 5.00x (1 thread, batch 1), 7.25x (1 thread, batch 32)" in line
-    assert "top-1 98.50% vs teacher 99.00%" in line
+    # the FP32 student of onnxruntime (3.00x) is not what ships there; torch runs the FP32 one
+    assert "3.00x" not in line and "(INT8 on onnxruntime, FP32 on torch)" in line
+    assert "2.50x (torch, 1t, batch 1) to 7.25x (onnxruntime, 1t, batch 32)" in line
     failed = [dict(a, status="failed") if a["precision"] == "int8" else a for a in artifacts]
     assert Report(generated="now", run_dir="run", name="r", artifacts=failed).deployed_student() == (
         "student", "artifacts/student.onnx")

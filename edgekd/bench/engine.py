@@ -9,8 +9,8 @@ batch size time all of the group's candidates interleaved with the harness; drop
 models before the next thread count (ExecuTorch's thread pool is process-wide and may only be
 resized while no model holds it).
 Peak memory is measured per file in a fresh subprocess afterwards (several at once: a process's
-peak RSS does not depend on what runs beside it, unlike its latency), and the FP32 GEMM peak
-once per thread count.
+peak RSS does not depend on what runs beside it, unlike its latency), and the FP32 and INT8 GEMM
+peaks once per thread count: each model's achieved rate is compared with its own precision's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgekd.bench.config import BenchmarkConfig
 from edgekd.bench.latency import measure_interleaved, paired_speedup
 from edgekd.bench.machine import machine_facts
 from edgekd.bench.memory import measure_peak_memory
-from edgekd.bench.peak import achieved_gflops, gemm_peak
+from edgekd.bench.peak import GemmPeak, achieved_gflops, gemm_peak, int8_gemm_peak
 from edgekd.bench.results import BenchmarkResult, ModelEntry, Note, TimingEntry, model_label
 from edgekd.errors import EdgekdError
 from edgekd.runtimes.base import LoadedModel
@@ -110,7 +110,14 @@ class _Bench:
         self.console = console or Console(stderr=True, quiet=True)
         self.models: dict[tuple[str, str], ModelEntry] = {}
         self.timings: list[TimingEntry] = []
-        self.peaks = {t: gemm_peak(t) for t in config.threads} if config.peak else {}
+        self.peaks: dict[tuple[str, int], GemmPeak] = {}
+        if config.peak:
+            for t in config.threads:
+                self.peaks[("fp32", t)] = gemm_peak(t)
+                try:
+                    self.peaks[("int8", t)] = int8_gemm_peak(t)
+                except ImportError:  # no onnxruntime: INT8 models get no share rather than the FP32 one
+                    pass
 
     def entry(self, c: Candidate) -> ModelEntry:
         return self.models[(c.runtime, c.label)]
@@ -179,7 +186,6 @@ class _Bench:
         if calls:
             stats = measure_interleaved(calls, warmup=self.config.warmup, min_time_s=self.config.min_time_s,
                                         min_iters=self.config.min_iters, batch_size=batch_size)
-            peak = self.peaks.get(threads)
             teacher = stats.get("teacher")
             for c in group.candidates:
                 s = stats.get(c.label)
@@ -189,6 +195,7 @@ class _Bench:
                 entry.latency = s
                 entry.speedup_vs_teacher = paired_speedup(teacher, s) if teacher is not None else None
                 entry.gflops = achieved_gflops(c.macs, batch_size, s.p50_ms)
+                peak = self.peaks.get((c.precision, threads))  # INT8 work against the INT8 ceiling
                 if entry.gflops is not None and peak is not None:
                     entry.peak_share = entry.gflops / peak.gflops
             self.console.print(f"    {group.name:<11} {threads}t bs{batch_size:<4} " + ", ".join(

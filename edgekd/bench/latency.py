@@ -30,9 +30,19 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+#: a percentile q is estimated only from at least 1 / (1 - q) timed calls, so that some call lies beyond it;
+#: below that the "percentile" is just the slowest call (p99 of 10 calls is their maximum)
+MIN_ITERS_P90 = 10
+MIN_ITERS_P99 = 100
+
 
 class LatencyStats(BaseModel):
-    """Latency of one candidate: per-call (per-batch) statistics in milliseconds, and throughput."""
+    """Latency of one candidate: per-call (per-batch) statistics in milliseconds, and throughput.
+
+    ``p99_ms`` is None when fewer than ``MIN_ITERS_P99`` calls were timed;
+    ``p90_ms`` is always set (plots and the prune stage read it), but ``p90_estimated`` says whether
+    ``MIN_ITERS_P90`` calls back it.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -41,7 +51,7 @@ class LatencyStats(BaseModel):
     batch_size: int = Field(..., description="samples per call")
     p50_ms: float
     p90_ms: float
-    p99_ms: float
+    p99_ms: float | None = Field(None, description=f"99th percentile; None below {MIN_ITERS_P99} timed calls")
     mean_ms: float
     std_ms: float = Field(..., description="sample standard deviation of the per-call times")
     min_ms: float
@@ -59,10 +69,14 @@ class LatencyStats(BaseModel):
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         mean = float(ms.mean())
         return cls(iters=len(ms), warmup=warmup, batch_size=batch_size, p50_ms=float(p50), p90_ms=float(p90),
-                   p99_ms=float(p99), mean_ms=mean, std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+                   p99_ms=float(p99) if len(ms) >= MIN_ITERS_P99 else None, mean_ms=mean, std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
                    min_ms=float(ms.min()), max_ms=float(ms.max()), total_s=float(ms.sum() / 1e3),
                    throughput_sps=batch_size / (mean / 1e3) if mean > 0 else float("inf"),
                    samples_ms=[float(v) for v in ms])
+
+    @property
+    def p90_estimated(self) -> bool:
+        return self.iters >= MIN_ITERS_P90
 
     def to_json(self) -> dict[str, Any]:
         """The statistics without the raw samples (what benchmark.json stores)."""

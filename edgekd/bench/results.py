@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgekd.bench.accuracy import AccuracyMetrics
 from edgekd.bench.latency import LatencyStats
 from edgekd.bench.memory import MemoryUsage
+from edgekd.bench.op_profile import OpProfile
 from edgekd.bench.peak import GemmPeak
 
 BENCHMARK_SCHEMA = "edgekd.benchmark/1"
@@ -58,7 +59,8 @@ class TimingEntry(BaseModel):
         None, description="teacher latency / this latency, the median of per-round ratios (the group's teacher "
                           "at the same threads and batch, timed interleaved)")
     gflops: float | None = Field(None, description="2 * MACs * batch / p50 latency (GOP/s for INT8)")
-    peak_share: float | None = Field(None, description="gflops / the FP32 GEMM peak at this thread count")
+    peak_share: float | None = Field(None, description="gflops / the GEMM peak of this model's precision (FP32 "
+                                                        "or INT8) at this thread count")
     error: str | None = Field(None, description="why this combination was not timed")
 
     @property
@@ -91,6 +93,8 @@ class BenchmarkResult(BaseModel):
     models: list[ModelEntry] = Field(default_factory=list)
     timings: list[TimingEntry] = Field(default_factory=list)
     notes: list[Note] = Field(default_factory=list)
+    op_profile: OpProfile | None = Field(None, description="ONNX Runtime's profiler on the deployed ONNX student: "
+                                                           "kernel time per operator type")
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -99,8 +103,8 @@ class BenchmarkResult(BaseModel):
     def model(self, runtime: str, label: str) -> ModelEntry | None:
         return next((m for m in self.models if m.runtime == runtime and m.label == label), None)
 
-    def peak(self, threads: int) -> GemmPeak | None:
-        return next((p for p in self.peaks if p.threads == threads), None)
+    def peak(self, threads: int, precision: str = "fp32") -> GemmPeak | None:
+        return next((p for p in self.peaks if p.threads == threads and p.precision == precision), None)
 
     def runtimes(self) -> list[str]:
         return list(dict.fromkeys(m.runtime for m in self.models))

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgekd.bench.config import BenchmarkConfig
 from edgekd.bench.engine import BenchInputs, Candidate, TimingGroup, run_benchmark, unavailable_note
+from edgekd.bench.op_profile import OpProfile
 from edgekd.bench.results import BenchmarkResult, Note
 from edgekd.fileio import atomic_write_json
 from edgekd.models.evaluate import predict_logits
@@ -92,6 +93,30 @@ def summarize(result: BenchmarkResult) -> dict[str, Any]:
             "notes": [n.message for n in result.notes]}
 
 
+def _profile_deployed(groups: list[TimingGroup], cfg: BenchmarkConfig, inputs: BenchInputs,
+                      result: BenchmarkResult, root: Path) -> OpProfile | None:
+    """ONNX Runtime's operator profile of the student that ships for ONNX Runtime (the INT8 file when the
+    quantize stage shipped one), at the benchmark's first thread count and largest batch; a note instead when
+    it cannot run."""
+    from edgekd.bench.op_profile import profile_onnx
+
+    group = next((g for g in groups if g.name == "onnxruntime"), None)
+    students = {c.precision: c for c in (group.candidates if group else []) if c.role == "student"}
+    target = students.get("int8") or students.get("fp32")
+    if target is None:
+        return None
+    entry = result.model("onnxruntime", target.label)
+    batch = min(max(cfg.batch_sizes), (entry.max_batch if entry else None) or max(cfg.batch_sizes))
+    try:
+        return profile_onnx(target.path, inputs.timing_batch(batch), threads=min(cfg.threads), label=target.label,
+                            shown_path=str(target.path.relative_to(root)) if target.path.is_relative_to(root)
+                            else str(target.path))
+    except Exception as exc:  # onnxruntime raises its own types; the benchmark itself stands
+        result.notes.append(Note(runtime="onnxruntime", message=f"operator profile of {target.label} not made: "
+                                                                f"{str(exc).splitlines()[0][:300]}"))
+        return None
+
+
 @register_stage(BenchmarkConfig)
 class BenchmarkStage(Stage[BenchmarkConfig]):
     name: ClassVar[str] = "benchmark"
@@ -121,6 +146,7 @@ class BenchmarkStage(Stage[BenchmarkConfig]):
                 groups.append(_group(ctx, runtime, counts, notes))
         result = run_benchmark(groups, cfg, inputs, source="run", root=ctx.run_dir.path, notes=notes,
                                console=console)
+        result.op_profile = _profile_deployed(groups, cfg, inputs, result, ctx.run_dir.path)
         path: Path = ctx.run_dir.path / BENCHMARK_FILE
         atomic_write_json(path, result.to_json())
         ctx.stage_outputs.append(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from edgekd.report.markdown import speedup_lines, summary_lines
+from edgekd.report.markdown import summary_lines
 from edgekd.report.plots import all_plots
 from edgekd.report.schema import Report
 from edgekd.report.tables import Table, all_tables, machine_rows
@@ -42,11 +42,7 @@ def _summary_html(report: Report) -> str:
             css = "pass" if report.gate.passed else "fail"
             text = f'<span class="{css}">{text}</span>'
         items.append(f"<li>{text}</li>")
-    out = f"<ul>{''.join(items)}</ul>" if items else ""
-    speedups = speedup_lines(report)
-    if speedups:
-        out += "<h2>Speed-ups</h2><ul>" + "".join(f"<li>{escape(s[2:])}</li>" for s in speedups) + "</ul>"
-    return out
+    return f"<ul>{''.join(items)}</ul>" if items else ""
 
 
 def render_html(report: Report) -> str:

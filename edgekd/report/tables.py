@@ -44,6 +44,67 @@ def fmt_num(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "—" if v is None else f"{format(v, spec)}{suffix}"
 
 
+#: runtimes whose files are optimised for another CPU than the one that timed them (x86 hosts)
+ARM_OPTIMISED = {"ort-mobile": ".ort: the graph is optimised for ARM (ORT Mobile), timed here on x86 with the CPU "
+                               "provider, so it reads slower than the .onnx on onnxruntime; time it on the phone"}
+
+
+def _x86(report: Report) -> bool:
+    arch = str((report.machine or {}).get("arch") or "").lower()
+    return arch in ("x86_64", "amd64", "i386", "i686") or not arch
+
+
+def runtime_notes(report: Report, runtimes: list[str]) -> list[str]:
+    """What a reader must know about a runtime's rows on this machine (.ort files timed on x86)."""
+    return [f"{r}: {ARM_OPTIMISED[r]}" for r in dict.fromkeys(runtimes) if r in ARM_OPTIMISED and _x86(report)]
+
+
+def _runtime_cell(report: Report, runtime: str) -> str:
+    return f"{runtime} (ARM-optimised, timed on x86)" if runtime in ARM_OPTIMISED and _x86(report) else runtime
+
+
+def deployed_table(report: Report) -> Table:
+    """What ships, one row per target runtime: the student file that runtime runs (the INT8 file where the
+    quantize stage shipped one for its format, else the FP32 one), its p50 at batch 1 and at the largest batch,
+    its speed-up over the teacher on that runtime, and its top-1 on the held-out split."""
+    bench = report.benchmark
+    batches = sorted({b for _, b in bench.settings_grid()}) if bench else []
+    threads = min((t for t, _ in bench.settings_grid()), default=1) if bench else 1
+    small, large = (batches[0], batches[-1]) if batches else (1, 1)
+    split = report.accuracy_splits.get("benchmark.accuracy", "test")
+    heads = ["runtime", "file", "precision", f"p50 ms, batch {small}", f"speed-up, batch {small}"]
+    if large != small:
+        heads += [f"p50 ms, batch {large}", f"speed-up, batch {large}"]
+    heads += [f"top-1 ({split})", "teacher top-1"]
+    t = Table("What ships: the deployed student per runtime", heads,
+              caption=f"{threads} thread{'s' * (threads != 1)}; speed-up: teacher / student on the same runtime, "
+                      f"timed interleaved (median of per-round ratios); other thread counts in the Latency table")
+    if bench is None:
+        return t
+    for runtime in bench.runtimes():
+        entry = bench.model(runtime, "student-int8")
+        if entry is None or entry.error is not None:
+            entry = bench.model(runtime, "student")
+        if entry is None:
+            continue
+        teacher = bench.model(runtime, "teacher")
+        row = [_runtime_cell(report, runtime), entry.path, entry.precision.upper()]
+        for batch in ([small, large] if large != small else [small]):
+            timing = next((e for e in bench.timings if e.runtime == runtime and e.label == entry.label
+                           and e.threads == threads and e.batch_size == batch), None)
+            if timing is None or timing.latency is None:
+                row += ["—" if timing is None else f"not timed: {timing.error or '?'}", "—"]
+            else:
+                row += [fmt_ms(timing.latency.p50_ms), fmt_num(timing.speedup_vs_teacher, ".2f", "x")]
+        row += [fmt_num(entry.accuracy.top1_pct if entry.accuracy else None, ".2f", "%"),
+                fmt_num(teacher.accuracy.top1_pct if teacher and teacher.accuracy else None, ".2f", "%")]
+        t.rows.append(row)
+    notes = runtime_notes(report, bench.runtimes())
+    if notes:
+        t.caption += "; " + "; ".join(notes)
+    return t
+
+
 def headline_table(report: Report) -> Table:
     t = Table("Teacher vs student", ["runtime", "threads", "batch", "model", "teacher p50 ms", "p50 ms", "speed-up",
                                      "teacher top-1", "top-1"],
@@ -53,14 +114,32 @@ def headline_table(report: Report) -> Table:
         t.rows.append([c.runtime, str(c.threads), str(c.batch_size), c.model, fmt_ms(c.teacher_p50_ms),
                        fmt_ms(c.p50_ms), fmt_num(c.speedup, ".2f", "x"), fmt_num(c.teacher_top1_pct, ".2f", "%"),
                        fmt_num(c.top1_pct, ".2f", "%")])
+    notes = runtime_notes(report, [c.runtime for c in report.comparisons])
+    if notes:
+        t.caption += "; " + "; ".join(notes)
     return t
 
 
+def peak_share(report: Report, e: Any) -> float | None:
+    """A timing's achieved rate over the GEMM peak of its own precision at its thread count (None without one).
+
+    Recomputed from ``peaks`` rather than read from the entry: runs from before the INT8 probe divided INT8
+    rates by the FP32 peak (150-175% "of peak")."""
+    bench = report.benchmark
+    peak = bench.peak(e.threads, e.precision) if bench else None
+    return None if e.gflops is None or peak is None or peak.gflops <= 0 else e.gflops / peak.gflops
+
+
 def latency_table(report: Report) -> Table:
+    from edgekd.bench.latency import MIN_ITERS_P90, MIN_ITERS_P99
+
     t = Table("Latency", ["runtime", "threads", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms",
                           "samples/s", "iters", "GFLOP/s", "% of GEMM peak"],
-              caption="per call (one batch); samples/s = batch / mean; GFLOP/s = 2·MACs·batch / p50 "
-                      "(GOP/s for INT8); peak = fastest FP32 GEMM at the same thread count")
+              caption=f"per call (one batch); iters: timed calls per cell; p90 needs {MIN_ITERS_P90} and p99 "
+                      f"{MIN_ITERS_P99} timed calls (fewer leave no call beyond the percentile: it would be the "
+                      f"slowest call), else '—'; samples/s = batch / mean; GFLOP/s = 2·MACs·batch / p50 "
+                      f"(GOP/s for INT8); % of peak: against the fastest GEMM of the model's own precision "
+                      f"(FP32 torch.mm, INT8 u8×s8 MatMulInteger on ONNX Runtime) at the same thread count")
     bench = report.benchmark
     if bench is None:
         return t
@@ -70,10 +149,32 @@ def latency_table(report: Report) -> Table:
                            *[""] * 7])
             continue
         s = e.latency
-        t.rows.append([e.runtime, str(e.threads), str(e.batch_size), e.label, fmt_ms(s.p50_ms), fmt_ms(s.p90_ms),
-                       fmt_ms(s.p99_ms), f"{fmt_ms(s.mean_ms)} ± {fmt_ms(s.std_ms)}", f"{s.throughput_sps:,.0f}",
+        share = peak_share(report, e)
+        t.rows.append([e.runtime, str(e.threads), str(e.batch_size), e.label, fmt_ms(s.p50_ms),
+                       fmt_ms(s.p90_ms) if s.iters >= MIN_ITERS_P90 else "—",
+                       fmt_ms(s.p99_ms) if s.iters >= MIN_ITERS_P99 else "—",
+                       f"{fmt_ms(s.mean_ms)} ± {fmt_ms(s.std_ms)}", f"{s.throughput_sps:,.0f}",
                        str(s.iters), fmt_num(e.gflops, ".2f"),
-                       fmt_num(None if e.peak_share is None else 100 * e.peak_share, ".1f", "%")])
+                       fmt_num(None if share is None else 100 * share, ".1f", "%")])
+    notes = runtime_notes(report, [e.runtime for e in bench.timings])
+    if notes:
+        t.caption += "; " + "; ".join(notes)
+    return t
+
+
+def op_profile_table(report: Report) -> Table | None:
+    """ONNX Runtime's profiler on the deployed ONNX student: kernel time per operator type, largest first."""
+    prof = report.benchmark.op_profile if report.benchmark else None
+    if prof is None:
+        return None
+    t = Table(f"Where the time goes: operator profile of the deployed student ({prof.runtime})",
+              ["operator", "nodes", "ms per call", "share"],
+              caption=f"{prof.path} ({prof.model}), {prof.threads} thread{'s' * (prof.threads != 1)}, batch "
+                      f"{prof.batch_size}, ONNX Runtime's profiler (SessionOptions.enable_profiling) over "
+                      f"{prof.calls} calls after a warm-up; kernel time {fmt_ms(prof.kernel_ms_per_call)} ms per "
+                      f"call (the profiled session runs apart from the timed ones: profiling adds overhead)")
+    for op in prof.ops:
+        t.rows.append([op.op_type, str(op.nodes), f"{op.ms_per_call:.4f}", f"{100 * op.share:.1f}%"])
     return t
 
 
@@ -113,11 +214,13 @@ def models_table(report: Report) -> Table:
 
 
 def peak_table(report: Report) -> Table:
-    t = Table("Machine limit (FP32 GEMM)", ["threads", "GFLOP/s", "matrix n"],
-              caption="fastest n×n FP32 matrix product through torch.mm: an achievable peak, not the datasheet's")
+    t = Table("Machine limit (GEMM peak per precision)", ["precision", "threads", "GFLOP/s (GOP/s for INT8)",
+                                                          "matrix n", "through"],
+              caption="fastest n×n matrix product: an achievable peak, not the datasheet's; each model's rate in the "
+                      "Latency table is a share of its own precision's peak")
     if report.benchmark is not None:
         for p in report.benchmark.peaks:
-            t.rows.append([str(p.threads), f"{p.gflops:.1f}", str(p.size)])
+            t.rows.append([p.precision.upper(), str(p.threads), f"{p.gflops:.1f}", str(p.size), p.backend])
     return t
 
 
@@ -170,5 +273,7 @@ def all_tables(report: Report) -> list[Table]:
     """Every table, in the order the Markdown and HTML reports show them."""
     from edgekd.report.stage_tables import stage_tables  # it builds on this module's formatters
 
-    return [headline_table(report), accuracy_table(report), latency_table(report), models_table(report),
-            peak_table(report), ledger_table(report), *stage_tables(report), stages_table(report)]
+    # top-down: what ships, how it compares, what each stage did, then the detailed measurements
+    return [deployed_table(report), headline_table(report), ledger_table(report), *stage_tables(report),
+            accuracy_table(report), latency_table(report), *filter(None, [op_profile_table(report)]),
+            models_table(report), peak_table(report), stages_table(report)]
