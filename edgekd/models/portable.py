@@ -38,6 +38,10 @@ SWAPPABLE_MODULES: dict[str, tuple[str, str]] = {
     "edgekd.prune.attention:SplitHeadAttention": ("edgekd.prune.attention", "SplitHeadAttention"),
     # timm-style fused-qkv attention whose output width follows its heads (whole heads pruned)
     "edgekd.prune.attention:FusedHeadAttention": ("edgekd.prune.attention", "FusedHeadAttention"),
+    # low-rank factorized layers (edgekd.lowrank): rebuilt at full rank, then resized to the recorded rank
+    "edgekd.lowrank.modules:LowRankLinear": ("edgekd.lowrank.modules", "LowRankLinear"),
+    "edgekd.lowrank.modules:ChannelLowRankConv": ("edgekd.lowrank.modules", "ChannelLowRankConv"),
+    "edgekd.lowrank.modules:SpatialLowRankConv2d": ("edgekd.lowrank.modules", "SpatialLowRankConv2d"),
 }
 
 #: factories the current command trusts a checkpoint to name (set by ``trusted_factories``)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from edgekd.cluster.config import ClusterConfig
 from edgekd.distill.config import DistillConfig, FinetuneConfig
 from edgekd.export.config import ExportConfig
+from edgekd.lowrank.config import LowRankConfig
 from edgekd.prune.config import PruneConfig
 from edgekd.quantize.config import QuantizeConfig
 from edgekd.recipe.base import StrictModel
@@ -24,6 +26,8 @@ class StageEntry(StrictModel):
     finetune: FinetuneConfig | None = None
     export: ExportConfig | None = None
     quantize: QuantizeConfig | None = None
+    lowrank: LowRankConfig | None = None
+    cluster: ClusterConfig | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StageEntry:

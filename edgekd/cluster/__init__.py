@@ -1,0 +1,1 @@
+"""Weight sharing (per-layer k-means of the weights): the ``cluster`` stage."""

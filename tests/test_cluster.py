@@ -1,0 +1,100 @@
+"""The ``cluster`` stage: 1-D k-means, weight sharing through training, recipe errors, and a run end to end
+on real data (scikit-learn's digits) with the gzipped ONNX size before and after. Real torch and ONNX."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import edgekd
+from edgekd.cluster.kmeans import kmeans_1d, share_weights, snap
+from edgekd.errors import RecipeError
+from edgekd.models.portable import load_portable
+
+
+def test_kmeans_finds_the_clumps_and_keeps_at_most_k_values():
+    torch.manual_seed(0)
+    centres = torch.tensor([-0.5, 0.1, 0.8])
+    weight = (centres[torch.randint(0, 3, (40, 30))] + 0.01 * torch.randn(40, 30))
+    clustered = kmeans_1d(weight, 3)
+    torch.testing.assert_close(clustered.codebook, centres, atol=0.01, rtol=0)
+    assert clustered.index.shape == weight.shape
+    assert (clustered.weight() - weight).abs().max() < 0.06
+    assert torch.unique(kmeans_1d(torch.randn(64, 64), 16).weight()).numel() <= 16
+
+
+def test_shared_weights_stay_shared_through_adamw_steps():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    clustered = kmeans_1d(layer.weight, 8)
+    handle = share_weights(layer, clustered)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.01)
+    x, y = torch.randn(64, 32), torch.randn(64, 16)
+    before = layer.weight.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(layer(x), y).backward()
+        opt.step()
+    handle.remove()
+    assert not torch.equal(before, layer.weight)  # the centroids moved
+    for c in range(len(clustered.codebook)):
+        values = layer.weight.detach()[clustered.index == c]
+        assert values.numel() == 0 or torch.unique(values).numel() == 1  # one value per cluster
+    codebook = snap(layer, clustered.index)
+    assert codebook.numel() == 8 and torch.unique(layer.weight.detach()).numel() <= 8
+
+
+RECIPE = textwrap.dedent("""\
+    name: cluster-errors
+    data: {dataset: digits, image_size: 8}
+    teacher:
+      model: mlp
+      kwargs: {hidden: 32}
+      train: {epochs: 1}
+    stages:
+      - cluster:
+          k: 16
+          ignored_layers: [head]
+    """)
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ("k: 16", "k: 1", ["stages.0.cluster.k", "greater than or equal to 2"]),
+    ("[head]", "[haed]", ["ignored layer 'haed'", "stages.0.cluster.ignored_layers", "did you mean"]),
+])
+def test_recipe_errors_name_file_line_and_key(tmp_path, old, new, words):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.replace(old, new))
+    with pytest.raises(RecipeError) as info:
+        edgekd.validate(path)
+    message = str(info.value)
+    assert str(path) in message and info.value.line in (9, 10), message
+    for word in words:
+        assert word in message, message
+
+
+def test_cluster_end_to_end_on_digits_shrinks_the_gzipped_onnx(tmp_path):
+    recipe = {
+        "name": "cluster-e2e", "seed": 0,
+        "data": {"dataset": "digits", "image_size": 8, "batch_size": 64},
+        "teacher": {"model": "mlp", "kwargs": {"hidden": 128},
+                    "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.01}},
+        "stages": [{"cluster": {"k": 16, "epochs": 1}},
+                   {"export": {"formats": ["onnx"], "verify": {"samples": 16}}}],
+        "benchmark": {"runtimes": ["onnxruntime"], "threads": [1], "batch_sizes": [1], "warmup": 1,
+                      "min_time_s": 0.0, "min_iters": 2, "memory": False, "peak": False},
+    }
+    result = edgekd.compress(recipe, out=tmp_path / "run", quiet=True)
+    assert [s["status"] for s in result.manifest["stages"]] == ["done"] * len(result.manifest["stages"])
+    data = result.report.stage_data["0-cluster"]
+    assert data["after"]["onnx_gzip_bytes"] * 2 < data["before"]["onnx_gzip_bytes"]
+    assert all(row["distinct"] <= 16 for row in data["layers"]) and len(data["layers"]) == 3
+    student, _ = load_portable(result.student)
+    for module in student.modules():
+        if isinstance(module, nn.Linear):
+            assert torch.unique(module.weight).numel() <= 16
+    onnx = next(a for a in result.manifest["artifacts"] if a["role"] == "student" and a["fmt"] == "onnx")
+    assert onnx["status"] == "ok"
