@@ -20,6 +20,8 @@ from edgekd.report.tables import Table, fmt_bytes, fmt_count, fmt_num
 #: below this share of operators inside the XNNPACK delegate a .pte runs mostly on ExecuTorch's
 #: portable (reference) kernels, typically 10-100x slower: the table flags it
 LOW_DELEGATION = 0.9
+#: rows of the per-layer INT8 error table (the worst; report.json has every tensor)
+LAYER_ERROR_ROWS = 12
 
 
 def _pct(v: Any) -> str:
@@ -108,24 +110,60 @@ def distill_history_table(distill: Any, key: str | None = None) -> Table | None:
     return t
 
 
-def quantize_candidates_table(quant: Any, key: str | None = None) -> Table | None:
-    """Every INT8 candidate tried, its accuracy, measured latency and the decision."""
+def quantize_candidates_table(quant: Any, key: str | None = None, title: str = "Quantization candidates"
+                              ) -> Table | None:
+    """Every INT8 candidate tried, its accuracy, measured latency, the nodes kept in float and the decision."""
     if not isinstance(quant, dict) or not quant.get("candidates"):
         return None
     fp32 = quant.get("fp32") or {}
-    t = Table(_titled("Quantization candidates", key), ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32",
-                                          "size", "decision"],
+    t = Table(_titled(title, key), ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32", "size",
+                                    "kept in float", "decision"],
               caption=f"timed on {quant.get('runtime', '?')}, {quant.get('threads', '?')} thread(s), batch "
-                      f"{quant.get('batch_size', '?')}; FP32 {_pct(fp32.get('accuracy'))}, "
-                      f"{fmt_num(fp32.get('latency_ms'), '.3f')} ms; {quant.get('reason', '')}")
+                      f"{quant.get('batch_size', '?')}, against the FP32 {quant.get('format', '?')} file on the same "
+                      f"runtime; FP32 {_pct(fp32.get('accuracy'))}, {fmt_num(fp32.get('latency_ms'), '.3f')} ms; "
+                      f"{quant.get('reason', '')}")
     for c in quant["candidates"]:
         decision = c.get("decision") or ""
         if c.get("error"):
             decision = f"failed: {c['error']}"
+        # the accuracy-aware fallback's candidates name the layers (ONNX nodes) it left in float
+        kept = ", ".join(c.get("excluded_nodes") or []) or "—"
         t.rows.append([str(c.get("name")), str(c.get("precision", "")), _pct(c.get("accuracy")),
                        fmt_num(c.get("accuracy_drop"), ".2f"), fmt_num(c.get("latency_ms"), ".3f"),
-                       fmt_num(c.get("speedup_vs_fp32"), ".2f", "x"), fmt_bytes(c.get("size_bytes")), decision])
+                       fmt_num(c.get("speedup_vs_fp32"), ".2f", "x"), fmt_bytes(c.get("size_bytes")), kept, decision])
     return t
+
+
+def layer_error_table(quant: Any, key: str | None = None) -> Table | None:
+    """Per-layer error of an INT8 ONNX graph against FP32 (ONNX Runtime's QDQ debugging tools), worst first."""
+    data = quant.get("layer_error") if isinstance(quant, dict) else None
+    if not isinstance(data, dict) or not data.get("rows"):
+        return None
+    rows = sorted(data["rows"], key=lambda r: (r.get("xmodel_sqnr_db") is None, r.get("xmodel_sqnr_db") or 0.0))
+    shown = rows[:LAYER_ERROR_ROWS]
+    t = Table(_titled(f"INT8 error per layer: {data.get('candidate', '?')} against FP32", key),
+              ["tensor", "made by", "op", "SQNR vs FP32 (dB)", "SQNR of its own Q/DQ (dB)"],
+              caption=f"onnxruntime.quantization.qdq_loss_debug on {data.get('samples', '?')} val samples; SQNR: "
+                      f"signal-to-quantization-noise ratio, higher is better (6 dB ≈ 1 bit); 'vs FP32' is the "
+                      f"error accumulated up to this tensor, 'own Q/DQ' the error its quantization alone adds; "
+                      f"worst {len(shown)} of {len(rows)} tensors")
+    for r in shown:
+        t.rows.append([str(r.get("tensor")), str(r.get("node")), str(r.get("op_type")),
+                       fmt_num(r.get("xmodel_sqnr_db"), ".1f"), fmt_num(r.get("qdq_sqnr_db"), ".1f")])
+    return t
+
+
+def quantize_other_formats_tables(quant: Any, key: str | None = None) -> list[Table]:
+    """The candidates of each method under ``also`` (one per file format, e.g. the XNNPACK INT8 .pte)."""
+    others = quant.get("also") if isinstance(quant, dict) else None
+    tables = []
+    for other in others or []:
+        if isinstance(other, dict):
+            title = f"Quantization candidates, .{other.get('format', '?')} on {other.get('runtime', '?')}"
+            table = quantize_candidates_table(other, key, title)
+            if table is not None:
+                tables.append(table)
+    return tables
 
 
 def export_files_table(export: Any, key: str | None = None) -> Table | None:
@@ -151,11 +189,11 @@ def export_files_table(export: Any, key: str | None = None) -> Table | None:
 
 
 #: the tables of each stage name, from that stage's report data and position key
-MAKERS: dict[str, tuple[Callable[[Any, str | None], Table | None], ...]] = {
+MAKERS: dict[str, tuple[Callable[[Any, str | None], Table | list[Table] | None], ...]] = {
     "prune": (prune_layers_table, prune_steps_table),
     "distill": (distill_history_table,),
     "export": (export_files_table,),
-    "quantize": (quantize_candidates_table,),
+    "quantize": (quantize_candidates_table, layer_error_table, quantize_other_formats_tables),
     "lowrank": (lowrank_layers_table,),
 }
 
@@ -172,12 +210,11 @@ def stage_tables(report: Report) -> list[Table]:
         for key, data in report.stage_entries(name):
             positioned = key != name
             for make in makers:
-                table = make(data, key if positioned else None)
-                if table is None:
-                    continue
-                if positioned:
-                    by_position.append((order.get(key, len(order)), table))
-                else:
-                    legacy.append(table)
+                made = make(data, key if positioned else None)
+                for table in made if isinstance(made, list) else [made] if made is not None else []:
+                    if positioned:
+                        by_position.append((order.get(key, len(order)), table))
+                    else:
+                        legacy.append(table)
     by_position.sort(key=lambda item: item[0])  # stable: a stage's own tables keep their order
     return [t for _, t in by_position] + legacy
