@@ -33,8 +33,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a reci
 
 
 @app.callback()
-def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
+def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors and libraries' "
+                                                                "known-harmless messages")] = False) -> None:
     _state["debug"] = debug
+    if not debug:
+        # before any command imports torchao/transformers: their harmless start-up lines stay off stderr
+        from edgekd.library_noise import quiet_known_library_noise
+
+        quiet_known_library_noise()
 
 
 @app.command()
