@@ -179,3 +179,25 @@ def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
     onnx = next(a for a in result.manifest["artifacts"] if a["role"] == "student" and a["fmt"] == "onnx")
     assert onnx["status"] == "ok"
     assert "Low-rank factorization: layers (0-lowrank)" in result.report_files["markdown"].read_text()
+
+
+def test_a_factorized_student_prunes_and_reloads_from_its_portable_checkpoint(tmp_path, digits8):
+    """torch-pruning sees the rank as one more channel dimension: lowrank then prune, then save and reload."""
+    from edgekd.prune.config import PruneConfig
+    from edgekd.prune.targets import PruneEnv, prune_at_ratio
+
+    spec = ModelSpec(model="mlp", kwargs={"hidden": 64})
+    torch.manual_seed(0)
+    model = spec.build(10, digits8.input_shape).eval()
+    samples = digits8.calibration_batch(32)
+    config = LowRankConfig(ranks={"body.1": 16, "body.3": 16}, round_to=None, probe=None)
+    infos = analyse(model, samples[:1], config)
+    fixed = {id(model.get_submodule(n)): r for n, r in config.ranks.items()}
+    assert apply_choices(model, plan_at_energy(infos, config, None, fixed)) == 2
+    prune_at_ratio(model, PruneEnv(config=PruneConfig(ratio=0.5, probe=None, round_to=None), samples=samples,
+                                   teacher=model), 0.5)
+    widths = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert widths["body.1.first"][0] < 16 or widths["body.1.second"][0] < 64  # something was cut
+    save_portable(model, tmp_path / "p.pt", spec=spec, num_classes=10, input_shape=digits8.input_shape)
+    loaded, _ = load_portable(tmp_path / "p.pt")
+    torch.testing.assert_close(loaded(samples), model(samples))
