@@ -427,11 +427,13 @@ def test_iterative_pruning_with_recovery_keeps_the_student_alive(trained_resnet,
     """steps: 3 prunes 20/40/60% with one recovery epoch (KD from the teacher) between steps and
     BatchNorm recalibration after each; every step's accuracy is in the stage data. One-shot 60%
     leaves this student near chance, three steps well above it."""
-    one_shot = _run_prune_stage(PruneConfig(ratio=0.6, probe=None), trained_resnet, digits8, tmp_path / "one")
+    one_shot = _run_prune_stage(PruneConfig(ratio=0.6, probe=None, auto_steps=0), trained_resnet, digits8,
+                                tmp_path / "one")
     stepped = _run_prune_stage(PruneConfig(ratio=0.6, steps=3, probe=None), trained_resnet, digits8,
                                tmp_path / "three")
     single, data = one_shot.report_data["prune"], stepped.report_data["prune"]
     assert [r["step"] for r in single["steps"]] == [1] and single["recovery"] is None
+    assert single["auto_steps"] is None  # auto_steps: 0 keeps the dead one-shot student (no retry)
     rows = data["steps"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["channel_ratio"] for r in rows] == pytest.approx([0.2, 0.4, 0.6])
@@ -455,3 +457,20 @@ def test_iterative_pruning_with_recovery_keeps_the_student_alive(trained_resnet,
     assert "| fc | Linear | 10 | 10 | 100% | classifier (its outputs are the classes) |" in md
     assert re.search(r"\| layer3\.0\.conv1 \| Conv2d \| 64 \| \d+ \| \d+% \|  \|", md), md
     assert f"| 1 | 0.20 | {fmt_count(rows[0]['params'])} |" in md and "1 epoch(s) distill" in md
+
+
+def test_a_one_shot_cut_that_kills_the_student_is_redone_in_steps(trained_resnet, digits8, tmp_path):
+    """steps: 1 (the default) with a ratio target: one-shot 60% leaves this student at chance, so the
+    stage prunes the unpruned student again in auto_steps (3) steps with recovery between them and
+    keeps that student; prune.json says what each gave. (HF MobileViT at 50%: one-shot 7.8% val.)"""
+    ctx = _run_prune_stage(PruneConfig(ratio=0.6, probe=None), trained_resnet, digits8, tmp_path / "auto")
+    data = ctx.report_data["prune"]
+    auto = data["auto_steps"]
+    assert auto["steps"] == 3 and auto["kept"] == "stepped"
+    assert auto["one_shot_val_accuracy"] < 30  # near chance (10 classes), as the one-shot test above
+    assert auto["stepped_val_accuracy"] == pytest.approx(data["val_accuracy_after_prune"], abs=1e-3)
+    assert data["val_accuracy_after_prune"] > auto["one_shot_val_accuracy"] + 25 and data["alive"]["alive"]
+    assert [r["step"] for r in data["steps"]] == [1, 2, 3] and data["recovery"]["epochs"] == 1
+    assert data["channel_ratio"] == pytest.approx(0.6)
+    assert "3 steps" in ctx.ledger[-1].notes["auto_steps"]
+    assert (tmp_path / "auto" / "stages" / "prune" / "auto-steps" / "step1" / "best.pt").is_file()

@@ -117,6 +117,10 @@ class PruneConfig(StrictModel):
                        "each followed by BatchNorm recalibration, and all but the last by recovery training")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig,
                                      description="training between iterative steps (used when steps > 1)")
+    auto_steps: int = Field(
+        3, ge=0, le=100, description="with steps: 1 and a ratio target, when the one-shot cut leaves the student "
+        "at chance (or not finite), prune the unpruned student again in this many steps with recovery between "
+        "them and keep the better of the two (0 or 1: off)")
     round_to: int | None = Field(
         8, ge=1, le=512, description="keep channel counts at multiples of this (vectorised kernels run "
         "full blocks; 5-7 leftover channels are slow); null to disable")

@@ -69,6 +69,14 @@ def probe_latency(models: dict[str, nn.Module], samples: torch.Tensor, config: P
     return rows
 
 
+def _alive_before(model: nn.Module, ctx: RunContext) -> bool:
+    """Whether the unpruned student is above chance on the val split: a student dead before pruning (an
+    untrained student model) is not pruned again in steps, recovery between cuts would not be the cause."""
+    val_x, val_y = ctx.data.val_tensors()
+    accuracy = top1_accuracy(model.eval(), val_x, val_y)
+    return bool(student_alive(model, val_x[:64], accuracy, ctx.data.num_classes)["alive"])
+
+
 @register_stage(PruneConfig)
 class PruneStage(Stage[PruneConfig]):
     name = "prune"
@@ -141,27 +149,54 @@ class PruneStage(Stage[PruneConfig]):
         def train_batches():
             return ctx.data.train_loader(cfg.batch_size, seed=ctx.recipe.seed)
 
-        env = PruneEnv(config=cfg, samples=samples, teacher=teacher, gradient_batches=train_batches)
-        # after every step: BatchNorm recalibration, accuracy; between steps: recovery training
-        recorder = StepRecorder(config=cfg, data=ctx.data, teacher=teacher, workdir=ctx.stage_dir("prune") / "recovery",
-                                device=ctx.device, seed=ctx.recipe.seed)
-        outcome = reach_target(student, env, after_step=recorder)
+        def attempt(config: PruneConfig, model: nn.Module, workdir: str):
+            """Prune ``model`` in place with ``config``: (outcome, recorder, widths/counts after, BatchNorm
+            batches recalibrated, val top-1 %, the alive verdict)."""
+            env = PruneEnv(config=config, samples=samples, teacher=teacher, gradient_batches=train_batches)
+            # after every step: BatchNorm recalibration, accuracy; between steps: recovery training
+            recorder = StepRecorder(config=config, data=ctx.data, teacher=teacher,
+                                    workdir=ctx.stage_dir("prune") / workdir, device=ctx.device, seed=ctx.recipe.seed)
+            outcome = reach_target(model, env, after_step=recorder)
+            pruned = outcome.model.eval()
+            after = {**_counts(pruned, example), "widths": layer_widths(pruned)}
+            changed = (after["params"], after["macs"]) != (before["params"], before["macs"])
+            if recorder.rows:  # the last step was recalibrated by the recorder
+                recalibrated = recorder.recalibrated
+            else:
+                recalibrated = recalibrate_batchnorm(pruned, train_batches(), config.bn_recalibration_batches) \
+                    if changed else 0
+            pruned.eval()
+            accuracy = top1_accuracy(pruned, *ctx.data.val_tensors())
+            alive = student_alive(pruned, ctx.data.val_tensors(64)[0], accuracy, ctx.data.num_classes)
+            return outcome, recorder, after, changed, recalibrated, accuracy, alive
+
+        # one-shot first; a student it leaves dead (thin layers whose cuts compound: HF MobileViT at 50% is at
+        # chance after one cut although every coupling is mapped) is pruned again from the unpruned weights in
+        # auto_steps steps with recovery between them, which keeps the student learning between cuts
+        auto = cfg.steps == 1 and cfg.auto_steps > 1 and isinstance(cfg.target, RatioTarget)
+        unpruned_copy = copy.deepcopy(student) if auto else None
+        outcome, recorder, after, changed, recalibrated, accuracy, alive = attempt(cfg, student, "recovery")
+        auto_steps: dict[str, Any] | None = None
+        if unpruned_copy is not None and changed and not alive["alive"] and _alive_before(unpruned_copy, ctx):
+            stepped_cfg = cfg.model_copy(update={"steps": cfg.auto_steps})
+            retry = attempt(stepped_cfg, unpruned_copy, "auto-steps")
+            auto_steps = {"steps": cfg.auto_steps, "one_shot_val_accuracy": round(accuracy, 3),
+                          "stepped_val_accuracy": round(retry[5], 3), "kept": "stepped" if retry[5] > accuracy
+                          else "one-shot",
+                          "why": f"one-shot pruning left the student at {accuracy:.1f}% val (chance "
+                                 f"{alive['chance_accuracy']:.1f}%, forward finite: {alive['finite']}); pruned again in "
+                                 f"{cfg.auto_steps} steps with {cfg.recovery.epochs} recovery epoch(s) between them "
+                                 "(prune.auto_steps: 0 turns this off)"}
+            if retry[5] > accuracy:
+                outcome, recorder, after, changed, recalibrated, accuracy, alive = retry
+                cfg = stepped_cfg
         pruned = outcome.model.eval()
-        after = {**_counts(pruned, example), "widths": layer_widths(pruned)}
-        changed = (after["params"], after["macs"]) != (before["params"], before["macs"])
-        if recorder.rows:  # the last step was recalibrated by the recorder
-            recalibrated = recorder.recalibrated
-        else:
-            recalibrated = recalibrate_batchnorm(pruned, train_batches(), cfg.bn_recalibration_batches) if changed else 0
-        pruned.eval()
         kept_whole = kept_whole_rows(before["widths"], after["widths"], outcome.plan, outcome.ratio) \
             if outcome.plan is not None else []
 
         timed = {"teacher": teacher, **({"student_before": unpruned} if unpruned is not None else {}),
                  "student": pruned}
         latency = probe_latency(timed, samples, cfg)
-        accuracy = top1_accuracy(pruned, *ctx.data.val_tensors())
-        alive = student_alive(pruned, ctx.data.val_tensors(64)[0], accuracy, ctx.data.num_classes)
         if changed and not recorder.rows:  # a searched target pruned in one step: the candidate kept
             recorder.rows.append({"step": 1, "channel_ratio": outcome.ratio, "params": after["params"],
                                   "macs": after["macs"], "val_accuracy": round(accuracy, 3),
@@ -190,6 +225,8 @@ class PruneStage(Stage[PruneConfig]):
             # one row per iterative step: {step, channel_ratio, params, macs, val_accuracy, alive, recovery}
             "steps": recorder.rows,
             "recovery": (cfg.recovery.model_dump() if cfg.steps > 1 else None),
+            # set when the one-shot student was dead and the stage pruned again in steps (what each gave)
+            "auto_steps": auto_steps,
             **({"recovery_skipped": recorder.skipped} if recorder.skipped else {}),
             # every prunable layer left at full width or cut less than asked, and why
             "kept_whole": kept_whole,
@@ -205,6 +242,10 @@ class PruneStage(Stage[PruneConfig]):
         notes = {"target": outcome.target, "reached": outcome.reached, "channel_ratio": outcome.ratio}
         if len(recorder.rows) > 1:
             notes["val_by_step"] = recorder.notes()
+        if auto_steps is not None:
+            notes["auto_steps"] = (f"one-shot {auto_steps['one_shot_val_accuracy']:.1f}% (dead) -> "
+                                   f"{auto_steps['steps']} steps {auto_steps['stepped_val_accuracy']:.1f}%, kept "
+                                   f"{auto_steps['kept']}")
         if latency:
             notes["ort_speedup"] = {f"bs{r['batch_size']}x{r['threads']}t": r["speedup_vs_teacher"] for r in latency}
         ctx.ledger.append(LedgerRow(stage="prune", params=after["params"], macs=after["macs"],
