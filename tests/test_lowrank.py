@@ -155,7 +155,8 @@ def test_recipe_errors_name_file_line_and_key(tmp_path, edit, words):
 
 
 def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
-    """A digits MLP teacher factorized at a MACs target, distilled, exported with parity and reloaded."""
+    """A digits MLP teacher factorized at a MACs target, distilled, exported with parity, quantized to INT8 and
+    reloaded."""
     recipe = {
         "name": "lowrank-e2e", "seed": 0,
         "data": {"dataset": "digits", "image_size": 8, "batch_size": 64},
@@ -163,7 +164,10 @@ def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
                     "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.01}},
         "stages": [{"lowrank": {"macs_reduction": 2.0, "probe": None}},
                    {"distill": {"epochs": 1}},
-                   {"export": {"formats": ["onnx"], "verify": {"samples": 16}}}],
+                   {"export": {"formats": ["onnx"], "verify": {"samples": 16}}},
+                   {"quantize": {"method": {"kind": "ort_static", "calibration": {"samples": 64}},
+                                 "max_accuracy_drop": 100.0, "keep_if_faster": False,
+                                 "speed": {"min_time_s": 0.05, "min_iters": 2}}}],
         "benchmark": QUICK_BENCH,
     }
     result = edgekd.compress(recipe, out=tmp_path / "run", quiet=True)
@@ -178,6 +182,8 @@ def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
     assert sum(p.numel() for p in student.parameters()) == rows["lowrank"]["params"]
     onnx = next(a for a in result.manifest["artifacts"] if a["role"] == "student" and a["fmt"] == "onnx")
     assert onnx["status"] == "ok"
+    # the factorized student quantizes like any other: the stage ships its INT8 file
+    assert rows["quantize"]["notes"]["precision"] == "int8"
     assert "Low-rank factorization: layers (0-lowrank)" in result.report_files["markdown"].read_text()
 
 
