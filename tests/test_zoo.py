@@ -256,3 +256,46 @@ def test_hf_mobilenet_v1_zoo_config_trains_from_scratch():
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     assert correct / seen > 0.3, f"{name}: train accuracy {correct / seen:.2f} in epoch 2 (chance 0.10)"
+
+
+def test_hf_mobilevit_unfold_fold_keeps_the_same_channels_on_both_sides():
+    """MobileViT's transformer block: conv_1x1 (B, C, H, W) -> unfold to (B*P, N, C) -> LayerNorm, q/k/v,
+    heads -> fold back -> conv_projection -> cat with the block input -> fusion. Each residual channel
+    c is marked (c+1) in every layer that writes or reads it; after the 50% cut every layer must keep
+    the same channels (a broken mapping through the unfold/fold reshapes keeps different ones), and
+    the attention loses whole heads (4 -> 2 of width 8). The one-shot cut leaves the trained zoo
+    student at chance anyway (8% val): each block alone costs 18-68 points (docs/zoo.md)."""
+    zoo = ZOO["hf_mobilevit"]
+    model = build(zoo)
+    block = model.model.mobilevit.encoder.layer[2]
+    layer0 = block.transformer.layer[0]
+    width = block.conv_1x1.convolution.out_channels
+    inner = block.fusion.convolution.in_channels // 2  # conv_projection's outputs, after the block input
+    mark = torch.arange(1, width + 1, dtype=torch.float32) * 0.01
+    with torch.no_grad():
+        block.conv_1x1.convolution.weight.copy_(mark.view(-1, 1, 1, 1).expand_as(block.conv_1x1.convolution.weight))
+        layer0.layernorm_before.weight.copy_(mark)
+        layer0.attention.attention.query.weight.copy_(mark.view(1, -1).expand_as(layer0.attention.attention.query.weight))
+        block.layernorm.weight.copy_(mark)
+        block.conv_projection.convolution.weight.copy_(mark.view(1, -1, 1, 1).expand_as(
+            block.conv_projection.convolution.weight))
+        out_mark = torch.arange(1, inner + 1, dtype=torch.float32) * 0.01
+        block.fusion.convolution.weight[:, inner:] = out_mark.view(1, -1, 1, 1)
+        block.conv_projection.normalization.weight.copy_(out_mark)
+    data = data_for(zoo)
+    env = PruneEnv(config=PruneConfig(ratio=RATIO, round_to=ROUND_TO, probe=None),
+                   samples=data.train_x[:64].contiguous(), teacher=build(zoo))
+    prune_at_ratio(model, env, RATIO)
+
+    def kept(t: torch.Tensor) -> list[int]:
+        return sorted({round(v) for v in (t.detach() * 100).flatten().tolist()})
+
+    channels = kept(block.conv_1x1.convolution.weight[:, 0, 0, 0])
+    assert len(channels) == width // 2
+    assert kept(layer0.layernorm_before.weight) == channels
+    assert kept(layer0.attention.attention.query.weight[0]) == channels
+    assert kept(block.layernorm.weight) == channels
+    assert kept(block.conv_projection.convolution.weight[0, :, 0, 0]) == channels
+    assert kept(block.fusion.convolution.weight[0, inner // 2:, 0, 0]) == kept(block.conv_projection.normalization.weight)
+    attention = layer0.attention.attention
+    assert (attention.num_attention_heads, attention.attention_head_size) == (2, 8)
