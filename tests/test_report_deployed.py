@@ -97,3 +97,19 @@ def test_markdown_leads_with_what_ships_and_one_speedup_line_and_shows_the_profi
     profile = op_profile_table(report())
     assert profile.rows[0] == ["Conv", "9", "1.5000", "75.0%"] and "enable_profiling" in profile.caption
     assert "## Where the time goes" in md
+
+
+def test_distillation_training_curves_are_a_plot_in_the_html():
+    from edgekd.report.html import render_html
+    from edgekd.report.plots import training_curves_plot
+    from edgekd.report.schema import StageStatus
+
+    history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0 / e, "val_accuracy": 90.0 + e} for e in (1, 2, 3)]
+    doc = report().model_copy(update={
+        "stages": [StageStatus(index=1, key="1-distill", name="distill", status="done")],
+        "stage_data": {"1-distill": {"history": history, "best_epoch": 3, "keep": "last"}}})
+    plot = training_curves_plot(doc)
+    assert plot is not None and plot.png.startswith(b"\x89PNG") and len(plot.png) > 5000
+    assert '<img alt="Distillation training curves" src="data:image/png;base64,' in render_html(doc)
+    one_epoch = doc.model_copy(update={"stage_data": {"1-distill": {"history": history[:1], "best_epoch": 1}}})
+    assert training_curves_plot(one_epoch) is None  # a single point is no curve

@@ -2,7 +2,8 @@
 
 - latency per runtime, thread count and batch size, teacher against student (p50 bars, whisker to p90);
 - accuracy against latency with the Pareto front (no other model is both faster and more accurate);
-- the stage ledger: MACs and validation accuracy after each stage.
+- the stage ledger: MACs and validation accuracy after each stage;
+- the training curves of each distillation stage (val top-1 and train loss per epoch, the kept epoch marked).
 """
 
 from __future__ import annotations
@@ -167,9 +168,40 @@ def ledger_plot(report: Report) -> Plot | None:
     return Plot("Stage ledger", _png(fig))
 
 
+def training_curves_plot(report: Report) -> Plot | None:
+    """Val top-1 and train loss per epoch of every distillation stage with at least two epochs (one panel each)."""
+    stages = [(key, data) for key, data in report.stage_entries("distill")
+              if isinstance(data, dict) and len(data.get("history") or []) >= 2]
+    if not stages:
+        return None
+    fig, axes = _grid(1, len(stages), 4.6, 3.2)
+    for ax, (key, data) in zip(axes[0], stages, strict=True):
+        hist = data["history"]
+        epochs = [h.get("epoch") for h in hist]
+        val = [h.get("val_accuracy") for h in hist]
+        ax.plot(epochs, val, "o-", color="#DD8452", label="val top-1 %", markersize=3)
+        kept = data.get("best_epoch")
+        if kept in epochs and val[epochs.index(kept)] is not None:
+            ax.plot([kept], [val[epochs.index(kept)]], "*", color="#C44E52", markersize=11, label=f"kept (epoch {kept})")
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("val top-1, %", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.set_title(key, fontsize=9)
+        loss = [(e, h.get("train_loss")) for e, h in zip(epochs, hist, strict=True) if h.get("train_loss") is not None]
+        if loss:
+            ax2 = ax.twinx()
+            ax2.plot([e for e, _ in loss], [v for _, v in loss], "s--", color="#4C72B0", markersize=3,
+                     label="train loss")
+            ax2.set_ylabel("train loss", fontsize=8)
+            ax2.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Distillation: val top-1 and train loss per epoch", fontsize=10)
+    return Plot("Distillation training curves", _png(fig))
+
+
 def all_plots(report: Report) -> list[Plot]:
     plots = []
     if report.benchmark is not None:
         plots += [latency_plot(report.benchmark), pareto_plot(report.benchmark)]
-    plots.append(ledger_plot(report))
+    plots += [ledger_plot(report), training_curves_plot(report)]
     return [p for p in plots if p is not None]
