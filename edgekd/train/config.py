@@ -24,7 +24,8 @@ class GuardConfig(StrictModel):
     A step whose loss is not finite or exceeds ``explode_factor`` x max(the run's first loss, ln C),
     an epoch whose train accuracy is at chance, an epoch whose mean train loss is above ``rise_factor``
     x max(the run's first loss, ln C), or an epoch whose val accuracy falls more than
-    ``max_drop_from_start`` points below the starting model's (when that was above chance) is undone:
+    ``max_drop_from_start`` points below the starting model's (when that was above chance; or more than
+    two standard errors of the start's val reading, when that is larger) is undone:
     weights, schedule, RNG and loss scaler return to the end of the last good epoch, the optimizer's
     moments are cleared and every lr is multiplied by ``lr_factor``. Each rollback is recorded.
     When train accuracy is high but val accuracy at chance, BatchNorm statistics are re-estimated
@@ -45,7 +46,8 @@ class GuardConfig(StrictModel):
                                                                  "of the way from chance to 100%")
     max_drop_from_start: float | None = Field(
         2.0, ge=0.0, description="roll back an epoch whose val top-1 is more than this many points below the "
-                                 "starting model's (applies when the start is above chance); null: off")
+                                 "starting model's, or two standard errors of the start's val reading if that is "
+                                 "more (applies when the start is above chance); null: off")
     bn_recalibration_batches: int = Field(16, ge=1, le=1000, description="training batches that re-estimate "
                                                                         "BatchNorm statistics")
 

@@ -423,7 +423,7 @@ def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size,
     guard, classes = config.guard, data.num_classes
     problem = epoch_problem(row["train_accuracy"], val_acc, state.start_val_accuracy, classes, guard,
                             train_loss=row["train_loss"], reference_loss=state.reference_loss,
-                            steps=steps)
+                            steps=steps, val_samples=len(data.val_y))
     if problem is not None:
         raise Diverged(problem, train_accuracy=row["train_accuracy"], val_accuracy=val_acc)
     if not (learned(row["train_accuracy"], classes) and at_chance(val_acc, classes, guard.chance_margin)):
