@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
 from matplotlib.markers import MarkerStyle
@@ -117,3 +118,23 @@ def test_unknown_runtime_in_a_recipe_lists_every_valid_name():
         BenchmarkConfig(runtimes=["onnxruntime", "tflite"])
     text = str(info.value)
     assert all(f"'{name}'" in text for name in RUNTIMES)
+
+
+# -- the stage registry -------------------------------------------------------------------------
+
+def test_every_recipe_stage_key_has_its_registered_stage_and_every_stage_is_reachable():
+    """The recipe's ``stages:`` keys (``StageEntry``'s fields) and the stages registered by type are one set:
+    a stage registered but missing from the recipe could never run, and a key without a stage would fail
+    only at run time. ``benchmark`` is the recipe's own top-level section, not a ``stages:`` item."""
+    import edgekd.pipeline.stages  # noqa: F401 - the composition root registers every stage
+    from edgekd.pipeline.stage import registered_stages
+    from edgekd.recipe.schema import Recipe
+    from edgekd.recipe.stages import StageEntry
+
+    stages = registered_stages()
+    by_name = {stage.name: config for config, stage in stages.items()}
+    assert len(by_name) == len(stages)  # one name per stage
+    assert set(StageEntry.model_fields) == set(by_name) - {"benchmark"}
+    for key, field in StageEntry.model_fields.items():
+        assert by_name[key] in typing.get_args(field.annotation)  # the key holds its stage's own config type
+    assert typing.get_args(Recipe.model_fields["benchmark"].annotation)[0] is by_name["benchmark"]
