@@ -207,3 +207,26 @@ def test_a_factorized_student_prunes_and_reloads_from_its_portable_checkpoint(tm
     save_portable(model, tmp_path / "p.pt", spec=spec, num_classes=10, input_shape=digits8.input_shape)
     loaded, _ = load_portable(tmp_path / "p.pt")
     torch.testing.assert_close(loaded(samples), model(samples))
+
+
+@pytest.mark.slow  # up to 10 plans, each exported twice and timed: about 2-3 min on this loaded 2-core machine
+def test_a_measured_speedup_target_keeps_the_largest_energy_that_is_that_much_faster(tmp_path):
+    """``speedup``: each candidate plan exported and timed beside the teacher on ONNX Runtime; the plan kept is
+    one whose measured speed-up met the factor (a wide MLP, where low rank clearly pays at batch 32)."""
+    recipe = {
+        "name": "lowrank-speedup", "seed": 0,
+        "data": {"dataset": "digits", "image_size": 8, "batch_size": 64},
+        "teacher": {"model": "mlp", "kwargs": {"hidden": 512}, "train": {"epochs": 1, "optimizer": "adamw",
+                                                                         "lr": 0.003}},
+        "stages": [{"lowrank": {"speedup": {"factor": 1.1, "threads": 1, "batch_size": 32},
+                                "probe": {"min_time_s": 0.1, "batch_sizes": [32]}}}],
+        "benchmark": QUICK_BENCH,
+    }
+    result = edgekd.compress(recipe, out=tmp_path / "run", quiet=True)
+    data = result.report.stage_data["0-lowrank"]
+    assert data["target"].startswith("speedup 1.1x (onnxruntime, 1 thread(s), batch 32)")
+    kept = [t for t in data["search"] if t["energy"] == data["energy"]]
+    assert kept and kept[0]["speedup"] >= 1.1 and 0 < data["energy"] < 1
+    # the trials above the kept energy that were measured missed the factor (bisection's upper side)
+    assert all(t["speedup"] < 1.1 for t in data["search"] if t["energy"] > data["energy"])
+    assert data["layers_factorized"] >= 2 and data["after"]["macs"] < data["before"]["macs"]

@@ -5,6 +5,7 @@ Exactly one target, each a key of its own (as in ``prune``)::
     - lowrank: {energy: 0.9}              # every layer keeps 90% of its singular-value energy
     - lowrank: {params_reduction: 2}      # teacher params / student params >= 2 (one energy for all layers)
     - lowrank: {macs_reduction: 2}        # teacher MACs / student MACs >= 2
+    - lowrank: {speedup: {factor: 1.5, threads: 1, batch_size: 32}}   # measured on ONNX Runtime
 
 ``ranks`` fixes the rank of named layers whatever the target says; ``round_to`` rounds every rank
 up to a multiple (vectorised kernels run full blocks). A layer whose factorization would not cut its
@@ -17,10 +18,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgekd.prune.config import LatencyProbe
+from edgekd.prune.config import LatencyProbe, SpeedupTarget
 from edgekd.recipe.base import StrictModel
 
-_TARGET_KEYS = ("energy", "params_reduction", "macs_reduction")
+_TARGET_KEYS = ("energy", "params_reduction", "macs_reduction", "speedup")
 
 
 class LowRankConfig(StrictModel):
@@ -33,6 +34,9 @@ class LowRankConfig(StrictModel):
                                   "energy threshold for every layer, the largest that meets it)")
     macs_reduction: float | None = Field(
         None, gt=1.0, description="target: teacher MACs / student MACs at least this factor (searched as above)")
+    speedup: SpeedupTarget | None = Field(
+        None, description="target: measured speed-up over the teacher (the student exported to ONNX and timed beside "
+                          "it at threads/batch_size), searched as above; a plan that is not that much faster is not kept")
     ranks: dict[str, int] = Field(default_factory=dict, description="fixed rank per layer name (overrides the "
                                   "target for that layer); at most the layer's full rank")
     conv_scheme: Literal["auto", "spatial", "channel"] = Field(
@@ -60,6 +64,9 @@ class LowRankConfig(StrictModel):
 
     @property
     def target_text(self) -> str:
+        if self.speedup is not None:
+            t = self.speedup
+            return f"speedup {t.factor:g}x ({t.runtime}, {t.threads} thread(s), batch {t.batch_size})"
         for key in _TARGET_KEYS:
             if getattr(self, key) is not None:
                 return f"{key} {getattr(self, key):g}"

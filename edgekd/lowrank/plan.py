@@ -14,6 +14,7 @@ MACs here are multiply-accumulates for one sample, counted as torch-pruning coun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,27 +267,44 @@ def plan_for_reduction(infos: list[LayerInfo], config: LowRankConfig, fixed: dic
                        base: dict[str, int], teacher: dict[str, int], metric: str, factor: float,
                        rounds: int = 30) -> Search:
     """The largest energy threshold (shared by every layer) whose plan gives teacher[metric] / student[metric]
-    >= ``factor``; bisection in (0, 1], since kept energy, rank and cost grow together. ``reached`` is False
-    when even the smallest ranks miss the target (the plan at the lowest energy is returned)."""
+    >= ``factor``; see ``search_energy``."""
+    def figure(choices: list[LayerChoice]) -> float:
+        return teacher[metric] / max(1, totals(choices, base)[metric])
+
+    return search_energy(infos, config, fixed, figure, factor, f"{metric}_reduction", rounds)
+
+
+def search_energy(infos: list[LayerInfo], config: LowRankConfig, fixed: dict[int, int],
+                  figure: Callable[[list[LayerChoice]], float], factor: float, label: str,
+                  rounds: int = 30) -> Search:
+    """The largest energy threshold (shared by every layer) whose plan has ``figure(plan) >= factor``:
+    bisection in (0, 1], since kept energy, rank and cost grow together (a measured figure is only
+    roughly monotone; the search still ends). ``reached`` is False when even the smallest ranks miss
+    the target (the plan at the lowest energy is returned). ``figure`` is called once per distinct plan."""
+    seen: dict[tuple, float] = {}
+
     def measure(energy: float) -> tuple[list[LayerChoice], float]:
         choices = plan_at_energy(infos, config, energy, fixed)
-        return choices, teacher[metric] / max(1, totals(choices, base)[metric])
+        key = tuple((c.scheme, c.rank) for c in choices)
+        if key not in seen:  # rounding maps nearby energies to one plan: measure it once
+            seen[key] = figure(choices)
+        return choices, seen[key]
 
     trials = []
     lo, hi = 1e-6, 1.0
     choices, got = measure(hi)
-    trials.append({"energy": hi, f"{metric}_reduction": round(got, 4)})
+    trials.append({"energy": hi, label: round(got, 4)})
     if got >= factor:
         return Search(choices, hi, True, trials)
     low_choices, got = measure(lo)
-    trials.append({"energy": lo, f"{metric}_reduction": round(got, 4)})
+    trials.append({"energy": lo, label: round(got, 4)})
     if got < factor:
         return Search(low_choices, lo, False, trials)
     best = (low_choices, lo)
     for _ in range(rounds):
         mid = (lo + hi) / 2
         choices, got = measure(mid)
-        trials.append({"energy": round(mid, 6), f"{metric}_reduction": round(got, 4)})
+        trials.append({"energy": round(mid, 6), label: round(got, 4)})
         if got >= factor:
             lo, best = mid, (choices, mid)
         else:
@@ -296,10 +314,12 @@ def plan_for_reduction(infos: list[LayerInfo], config: LowRankConfig, fixed: dic
     return Search(best[0], best[1], True, trials)
 
 
-def apply_choices(model: nn.Module, choices: list[LayerChoice]) -> int:
-    """Replace every factorized layer in ``model`` by its two-layer version; returns how many were replaced."""
-    modules = dict(model.named_modules())
-    by_id = {id(m): name for name, m in modules.items()}
+def apply_choices(model: nn.Module, choices: list[LayerChoice], source: nn.Module | None = None) -> int:
+    """Replace every factorized layer in ``model`` by its two-layer version; returns how many were replaced.
+
+    ``source``: the model the choices were planned on, when ``model`` is a copy of it (same weights):
+    layers are then found in ``model`` by their path in ``source``."""
+    by_id = {id(m): name for name, m in (source or model).named_modules()}
     done = 0
     for c in choices:
         if c.skipped is not None:

@@ -11,21 +11,25 @@ ONNX Runtime at the probe's threads and batch sizes), and val top-1 right after 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from edgekd.bench.latency import paired_speedup
 from edgekd.errors import RecipeError, StageError
 from edgekd.fileio import atomic_write_json
 from edgekd.lowrank.config import LowRankConfig
 from edgekd.lowrank.plan import (
+    LayerChoice,
     LayerInfo,
     Search,
     analyse,
     apply_choices,
     plan_at_energy,
     plan_for_reduction,
+    search_energy,
     totals,
 )
 from edgekd.models.adapter import close_names_hint, find_layer
@@ -33,7 +37,9 @@ from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
 from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
 from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.prune.latency import export_shipping, measure_models_at, timing_batch
 from edgekd.prune.stage import probe_latency
+from edgekd.runtimes.registry import get_runtime
 
 #: real training samples: one traces the layer shapes, all of them make the timing batches
 SAMPLES = 64
@@ -76,13 +82,38 @@ def fixed_ranks(config: LowRankConfig, model: nn.Module) -> dict[int, int]:
     return {id(find_layer(model, name)): rank for name, rank in config.ranks.items()}
 
 
+def measured_speedup(config: LowRankConfig, student: nn.Module, teacher: nn.Module,
+                     samples: torch.Tensor) -> Callable[[list[LayerChoice]], float]:
+    """figure(plan): the speed-up over ``teacher`` of ``student`` factorized by the plan, both exported as
+    shipped (ONNX) and timed side by side on the target's runtime, threads and batch size (paired ratio)."""
+    target = config.speedup
+    assert target is not None
+    batch = timing_batch(samples, target.batch_size)
+    min_time_s = config.probe.min_time_s if config.probe is not None else 0.5
+
+    def figure(choices: list[LayerChoice]) -> float:
+        candidate = copy.deepcopy(student)
+        apply_choices(candidate, choices, source=student)
+        timed = measure_models_at({"teacher": teacher, "student": candidate.eval()}, [batch], threads=target.threads,
+                                  min_time_s=min_time_s, runtime=target.runtime, export=export_shipping)[0]
+        return paired_speedup(timed["teacher"], timed["student"])
+
+    return figure
+
+
 def plan(config: LowRankConfig, infos: list[LayerInfo], fixed: dict[int, int], base: dict[str, int],
-         teacher: dict[str, int]) -> Search:
-    """The choices for the recipe's target: at its energy, or searched for its reduction."""
+         teacher: dict[str, int], measure: Callable[[list[LayerChoice]], float] | None = None) -> Search:
+    """The choices for the recipe's target: at its energy, or searched for its reduction or measured speed-up
+    (``measure``: the figure of a plan, see ``measured_speedup``; needed for a speed-up target)."""
     if config.params_reduction is not None or config.macs_reduction is not None:
         metric = "params" if config.params_reduction is not None else "macs"
         factor = config.params_reduction if metric == "params" else config.macs_reduction
         return plan_for_reduction(infos, config, fixed, base, teacher, metric, factor)
+    if config.speedup is not None:
+        if measure is None:
+            raise ValueError("a speed-up target needs a measure function")
+        # measuring costs two exports and a timing run per plan: 8 rounds resolve the energy to 1/256
+        return search_energy(infos, config, fixed, measure, config.speedup.factor, "speedup", rounds=8)
     choices = plan_at_energy(infos, config, config.energy, fixed)
     return Search(choices, config.energy if config.energy is not None else 1.0, True, [])
 
@@ -100,6 +131,8 @@ class LowRankStage(Stage[LowRankConfig]):
             raise RecipeError("the student has no Linear or Conv layer this stage can factorize "
                               f"(layers: {', '.join(cfg.layers)}, ignored: {', '.join(cfg.ignored_layers) or 'none'})",
                               key="lowrank", hint="remove the lowrank stage, or widen lowrank.layers")
+        if cfg.speedup is not None:
+            get_runtime(cfg.speedup.runtime)  # raises RuntimeUnavailableError when it is not installed
         if cfg.params_reduction is not None or cfg.macs_reduction is not None:
             # the reach of a counted target depends on shapes only: the smallest ranks give the fewest counts
             base = _counts(ctx.student, example)
@@ -126,7 +159,8 @@ class LowRankStage(Stage[LowRankConfig]):
         check_layers(cfg, student, infos)  # a run from Python skips validate
         before = _counts(student, example)
         teacher_counts = _counts(teacher, example)
-        search = plan(cfg, infos, fixed_ranks(cfg, student), before, teacher_counts)
+        measure = measured_speedup(cfg, student, teacher, samples) if cfg.speedup is not None else None
+        search = plan(cfg, infos, fixed_ranks(cfg, student), before, teacher_counts, measure)
         if not search.reached:
             raise StageError(f"lowrank: {cfg.target_text} is out of reach even at the smallest ranks "
                              f"({search.trials[-1]})", hint="ease the target or lower round_to")
