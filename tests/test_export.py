@@ -479,3 +479,55 @@ def test_a_model_the_parallel_child_cannot_import_falls_back_in_one_quiet_line(d
     assert summary["parallel_roles"] is False and "No module named 'vanishing_model'" in summary["parallel_fallback"]
     assert [(r["role"], r["status"]) for r in summary["artifacts"]] == [("teacher", "ok"), ("student", "ok")]
     assert "Traceback" in (tmp_path / "run" / "stages" / "export" / "parallel-child.log").read_text()
+
+
+class PackedHeadAttentionNet(nn.Module):
+    """LeViT's attention (transformers' ``LevitAttention``): one Linear packs each head's q, k and v,
+    ``view(b, n, heads, -1).split([key_dim, key_dim, value_dim], dim=3)`` takes them apart, and an
+    attention bias per head is added to the scores."""
+
+    def __init__(self, num_classes: int = 10, heads: int = 2, key_dim: int = 4, value_dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.sizes = heads, [key_dim, key_dim, value_dim]
+        self.embed = nn.Conv2d(1, 16, 2, stride=2)  # 8x8 digits -> 16 tokens of 16 features
+        self.qkv = nn.Linear(16, heads * sum(self.sizes))
+        self.bias = nn.Parameter(torch.zeros(heads, 16, 16))
+        self.proj = nn.Linear(heads * value_dim, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, _ = tokens.shape
+        q, k, v = self.qkv(tokens).view(b, n, self.heads, -1).split(self.sizes, dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attention = (q @ k.transpose(-2, -1) * self.sizes[0] ** -0.5 + self.bias).softmax(dim=-1)
+        out = (attention @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.fc(self.proj(out).mean(dim=1))
+
+
+def test_a_pte_of_packed_head_attention_runs_every_batch_size(digits8, tmp_path, monkeypatch):
+    """HF LeViT's .pte ran at batch <= 2 only ("cannot run batch 3 (executorch): it accepts batches of at
+    most 2 although it was exported for up to 256", docs/zoo.md at c59a50a): its attention splits the
+    packed q/k/v with ``split([k, k, v], dim=3)``, ExecuTorch's split_with_sizes_copy cannot resize its
+    outputs, and memory is planned for the example batch. Rewritten as slices (export_pte) the file
+    runs batch 1, an odd batch and 64 with parity; without the rewrite it is the batch-2 file again."""
+    from edgekd.errors import StageError
+    from edgekd.export import executorch_export
+    from edgekd.export.executorch_export import export_pte
+    from edgekd.export.parity import check_batch_sizes
+
+    torch.manual_seed(0)
+    model = PackedHeadAttentionNet().eval()
+    x = digits8.val_tensors(64)[0]
+    facts = export_pte(model, x[:2], tmp_path / "attn.pte")
+    loaded = get_runtime("executorch").load(tmp_path / "attn.pte", threads=1)
+    assert facts["max_batch"] == 256 and loaded.max_batch == 256
+    rows = check_batch_sizes(model, loaded, x, [1, 3, 64], atol=1e-4, rtol=1e-3, label="attn.pte",
+                             declared_max_batch=256)
+    assert [r["batch"] for r in rows] == [1, 3, 64] and all(r["max_abs_diff"] < 1e-4 for r in rows)
+    del loaded
+    monkeypatch.setattr(executorch_export, "_SPLITS_AS_SLICES", {})
+    export_pte(model, x[:2], tmp_path / "split.pte")
+    split = get_runtime("executorch").load(tmp_path / "split.pte", threads=1)
+    with pytest.raises(StageError, match="cannot run batch 3 .*accepts batches of at most 2"):
+        check_batch_sizes(model, split, x, [1, 3], atol=1e-4, rtol=1e-3, label="split.pte", declared_max_batch=256)
