@@ -171,7 +171,7 @@ def benchmark(model: str | Path, *, against: str | Path | None = None, threads: 
     ``benchmark.json`` and report.json/.md/.html there. Raises ``ConfigError`` for an unknown file type,
     ``ArtifactError``/``StageError`` for a file its runtime cannot load.
     """
-    from edgekd.bench.command import benchmark_files
+    from edgekd.commands.benchmark import benchmark_files
 
     return benchmark_files(Path(model), Path(against) if against is not None else None, threads=threads,
                            batch_sizes=batch_sizes, warmup=warmup, min_time_s=min_time_s, min_iters=min_iters,

@@ -119,7 +119,7 @@ def benchmark(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Render report.json, report.md and report.html of a run again."""
-    from edgekd.report.command import render_report
+    from edgekd.commands.report import render_report
     from edgekd.report.summary import print_summary
 
     print_summary(render_report(run_dir), out_console)

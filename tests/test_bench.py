@@ -13,9 +13,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from edgekd.bench.accuracy import evaluate_loaded, kl_divergence, metrics_from_logits
-from edgekd.bench.config import BenchmarkConfig, GateConfig
+from edgekd.bench.config import BenchmarkConfig
 from edgekd.bench.latency import LatencyStats, measure, measure_interleaved, paired_speedup
 from edgekd.bench.machine import ISA_FLAGS, describe_machine, machine_facts
+from edgekd.report.config import GateConfig
 
 
 class FakeClock:
@@ -213,7 +214,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
 def test_benchmark_files_int8_onnx_against_fp32_teacher(digits8, tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgekd.bench.command import benchmark_files
+    from edgekd.commands.benchmark import benchmark_files
     from edgekd.report.schema import Report
 
     teacher = _train_mlp(digits8, hidden=64)
@@ -259,7 +260,7 @@ def test_benchmark_files_int8_onnx_against_fp32_teacher(digits8, tmp_path):
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("executorch"), reason="executorch not installed")
 def test_benchmark_files_pte_against_portable_teacher_across_runtimes(digits8, tmp_path):
-    from edgekd.bench.command import benchmark_files
+    from edgekd.commands.benchmark import benchmark_files
     from edgekd.export.executorch_export import export_pte
     from edgekd.models.portable import save_portable
     from edgekd.models.spec import ModelSpec

@@ -26,10 +26,10 @@ from edgekd.distill.stage import DistillStage, FinetuneStage, check_distill_laye
 from edgekd.errors import RecipeError
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
-from edgekd.pipeline.stage import registered_stages
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.targets import PruneEnv, prune_at_ratio
 from edgekd.recipe.stages import StageEntry
+from edgekd.stage.base import registered_stages
 from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective
 from edgekd.train.trainer import fit
@@ -288,7 +288,7 @@ def test_logit_standardization_ignores_the_teachers_logit_scale(teacher_and_prun
 def test_guard_keeps_a_recovering_student_above_where_it_started(digits8, tmp_path):
     """A lightly pruned student at ~90% and an lr that wrecks it (1.0, no warm-up): without the guard its
     first epoch falls far below its start; with it, every kept epoch ends at or near the start and above."""
-    from edgekd.prune.batchnorm import recalibrate_batchnorm
+    from edgekd.models.batchnorm import recalibrate_batchnorm
 
     torch.manual_seed(0)
     teacher = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)

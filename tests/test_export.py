@@ -28,11 +28,11 @@ from edgekd.export.config import ExportConfig
 from edgekd.export.onnx_export import ExporterFallbackWarning, export_onnx
 from edgekd.models.portable import save_portable
 from edgekd.models.spec import ModelSpec
-from edgekd.pipeline.context import Artifact, RunContext
 from edgekd.pipeline.rundir import RunDir
-from edgekd.pipeline.stage import stage_for
 from edgekd.recipe.stages import StageEntry
 from edgekd.runtimes.registry import get_runtime
+from edgekd.stage.base import stage_for
+from edgekd.stage.context import Artifact, RunContext
 from tests.training import train_briefly
 
 SPEC = ModelSpec(model="resnet20", kwargs={"width": 8})
@@ -101,8 +101,8 @@ def test_config_defaults_and_validation():
 
 def test_check_names_the_extra_when_executorch_is_missing(monkeypatch, teacher, digits8):
     from edgekd.errors import RecipeError
-    from edgekd.pipeline.context import ValidationContext
     from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime
+    from edgekd.stage.context import ValidationContext
 
     ctx = ValidationContext(recipe=_Recipe(), teacher=teacher, student=teacher,
                             example_batch=digits8.example_batch(2), num_classes=10)

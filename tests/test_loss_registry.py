@@ -12,11 +12,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from edgekd.config_base import StrictModel
 from edgekd.distill.config import LOSSES, DistillConfig, KDTerm, LossEntry
 from edgekd.distill.losses import TermInputs, TermLoss, TermValue
 from edgekd.distill.objective import DistillObjective
 from edgekd.errors import RecipeError
-from edgekd.recipe.base import StrictModel
 from edgekd.recipe.load import load_recipe
 from edgekd.train.objectives import Batch
 

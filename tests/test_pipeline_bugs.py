@@ -72,9 +72,9 @@ def test_the_report_evaluates_the_gate_once_and_refuses_a_damaged_one(tmp_path):
     """The gate is evaluated in one place, ``build_report``: with the running recipe's gate when the runner
     passes it, else the one the manifest recorded; a gate section that does not validate is an error naming
     the file (it was dropped silently, leaving a report without its gate)."""
-    from edgekd.bench.config import GateConfig
     from edgekd.errors import ConfigError
     from edgekd.report.build import build_report
+    from edgekd.report.config import GateConfig
 
     manifest = {"name": "r", "stages": [], "teacher": {"test_accuracy": 90.0},
                 "ledger": [{"stage": "distill", "test_accuracy": 88.5}]}

@@ -21,14 +21,12 @@ from torch import nn
 
 import edgekd.prune.stage  # noqa: F401  (registers the stage)
 from edgekd.errors import ModelError, RecipeError, TargetUnreachableError
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.portable import save_portable
 from edgekd.models.spec import ModelSpec
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import RunContext, ValidationContext
 from edgekd.pipeline.rundir import RunDir
-from edgekd.pipeline.stage import stage_for
 from edgekd.prune.attention import SplitHeadAttention
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.latency import export_for_timing
 from edgekd.prune.pruner import find_classifier, layer_widths
@@ -37,6 +35,8 @@ from edgekd.report.markdown import render_markdown
 from edgekd.report.schema import Report
 from edgekd.report.tables import fmt_count
 from edgekd.runtimes.registry import get_runtime
+from edgekd.stage.base import stage_for
+from edgekd.stage.context import RunContext, ValidationContext
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from edgekd.models.adapter import logits_of
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.portable import load_portable, save_portable
 from edgekd.models.spec import ModelSpec
 from edgekd.prune.attention import FusedHeadAttention
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.heads import swap_fused_attention
 from edgekd.prune.pruner import PruningPlan

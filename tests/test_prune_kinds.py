@@ -17,11 +17,11 @@ from edgekd.errors import ModelError, RecipeError
 from edgekd.models.fold import fold_weight_norm
 from edgekd.models.portable import load_portable, save_portable
 from edgekd.models.spec import ModelSpec
-from edgekd.pipeline.context import ValidationContext
-from edgekd.pipeline.stage import stage_for
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.pruner import kept_whole_rows, layer_widths
 from edgekd.prune.targets import PruneEnv, prune_at_ratio
+from edgekd.stage.base import stage_for
+from edgekd.stage.context import ValidationContext
 
 HERE = "tests.test_prune_kinds"
 
@@ -703,7 +703,7 @@ def test_fused_qkv_attention_loses_whole_heads(images):
 # -- 8. train-mode outputs ----------------------------------------------------------------------
 def test_train_only_aux_head_is_pruned_with_the_features(images):
     from edgekd.models.adapter import adapt
-    from edgekd.prune.batchnorm import recalibrate_batchnorm
+    from edgekd.models.batchnorm import recalibrate_batchnorm
 
     model = _ready(adapt(AuxNet(), images[:2]), images)
     plan, _, after, _ = _prune(model, images)

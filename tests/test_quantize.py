@@ -386,9 +386,9 @@ def test_qat_with_distillation_smoke(mlp8, digits8, tmp_path):
 # -- the stage in a run ------------------------------------------------------------------------
 
 def run_context(tmp_path, data, student, teacher):
-    from edgekd.pipeline.context import RunContext
     from edgekd.pipeline.rundir import RunDir
     from edgekd.recipe.schema import Recipe
+    from edgekd.stage.context import RunContext
 
     recipe = Recipe.model_validate({"name": "q", "data": {"dataset": "digits", "image_size": 8},
                                     "teacher": {"model": "mlp", "train": {"epochs": 1}}})
@@ -421,8 +421,8 @@ def test_stage_ships_int8_artifact_and_reports_every_candidate(mlp8, digits8, tm
 
 def test_stage_failure_leaves_fp32_artifacts(mlp8, digits8, tmp_path):
     from edgekd.export.onnx_export import export_onnx
-    from edgekd.pipeline.context import Artifact
     from edgekd.quantize.stage import QuantizeStage
+    from edgekd.stage.context import Artifact
 
     ctx = run_context(tmp_path, digits8, copy.deepcopy(mlp8), mlp8)
     path = ctx.run_dir.path / "artifacts" / "student.onnx"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from edgekd.config_base import StrictModel
 from edgekd.errors import RecipeError
 from edgekd.quantize.config import QUANT_METHODS, QuantizeConfig, QuantMethodEntry
 from edgekd.quantize.methods import run_method, standalone_job
-from edgekd.recipe.base import StrictModel
 from edgekd.recipe.load import load_recipe
 from edgekd.runtimes.registry import RUNTIMES
 from tests.training import train_briefly

@@ -54,9 +54,9 @@ def test_also_takes_shorthands_and_allows_one_method_per_format():
 
 
 def test_validate_names_the_key_of_the_also_method(digits8):
-    from edgekd.pipeline.context import ValidationContext
     from edgekd.quantize.stage import QuantizeStage
     from edgekd.recipe.schema import Recipe
+    from edgekd.stage.context import ValidationContext
 
     recipe = Recipe.model_validate({"name": "q", "data": {"dataset": "digits", "image_size": 8},
                                     "teacher": {"model": "mlp", "train": {"epochs": 1}}})
@@ -70,12 +70,12 @@ def test_validate_names_the_key_of_the_also_method(digits8):
 
 
 def test_stage_makes_onnx_and_pte_int8_each_timed_on_its_runtime(mlp, digits8, tmp_path):
-    from edgekd.pipeline.context import RunContext
     from edgekd.pipeline.rundir import RunDir
     from edgekd.quantize.stage import QuantizeStage
     from edgekd.recipe.schema import Recipe
     from edgekd.report.schema import Report
     from edgekd.report.stage_tables import stage_tables
+    from edgekd.stage.context import RunContext
 
     recipe = Recipe.model_validate({"name": "q", "data": {"dataset": "digits", "image_size": 8},
                                     "teacher": {"model": "mlp", "train": {"epochs": 1}}})

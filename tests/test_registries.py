@@ -1,4 +1,5 @@
-"""The generic registry, and coverage of every runtime entry: the tables derived from it hold each one.
+"""The generic registry, and coverage of every runtime and export-format entry: the tables derived from
+them hold each one.
 
 Running each runtime on a real file of its format is the registry-parametrised round trip in
 tests/test_runtimes.py; this file checks what an entry declares and what is derived from it.
@@ -7,6 +8,7 @@ tests/test_runtimes.py; this file checks what an entry declares and what is deri
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import subprocess
 import sys
 import typing
@@ -18,6 +20,8 @@ from pydantic import TypeAdapter, ValidationError
 from edgekd.bench.config import DEFAULT_RUNTIMES, BenchmarkConfig
 from edgekd.bench.memory import RUNTIME_LIBRARIES
 from edgekd.errors import ConfigError
+from edgekd.export.config import FORMAT_ORDER, ExportConfig, ExportFormat
+from edgekd.export.formats import EXPORT_FORMATS
 from edgekd.registry import Registry, UnknownNameError
 from edgekd.report.plots import MARKERS
 from edgekd.runtimes.base import Runtime
@@ -127,9 +131,9 @@ def test_every_recipe_stage_key_has_its_registered_stage_and_every_stage_is_reac
     a stage registered but missing from the recipe could never run, and a key without a stage would fail
     only at run time. ``benchmark`` is the recipe's own top-level section, not a ``stages:`` item."""
     import edgekd.pipeline.stages  # noqa: F401 - the composition root registers every stage
-    from edgekd.pipeline.stage import registered_stages
     from edgekd.recipe.schema import Recipe
     from edgekd.recipe.stages import StageEntry
+    from edgekd.stage.base import registered_stages
 
     stages = registered_stages()
     by_name = {stage.name: config for config, stage in stages.items()}
@@ -138,3 +142,38 @@ def test_every_recipe_stage_key_has_its_registered_stage_and_every_stage_is_reac
     for key, field in StageEntry.model_fields.items():
         assert by_name[key] in typing.get_args(field.annotation)  # the key holds its stage's own config type
     assert typing.get_args(Recipe.model_fields["benchmark"].annotation)[0] is by_name["benchmark"]
+
+
+# -- the export-format registry -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(EXPORT_FORMATS))
+def test_every_export_format_entry_is_complete_and_derived_everywhere(name):
+    """Each format: its maker resolves, its parity runtime runs its suffix, the recipe's Literal and the
+    make order hold it (after its source), and the export field's description names it. Making and
+    checking a real file of each format is tests/test_export.py."""
+    entry = EXPORT_FORMATS[name]
+    module, _, function = entry.maker.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    assert RUNTIME_FOR_FORMAT[name].suffix == entry.suffix  # the file export writes is the one its runtime runs
+    assert name in typing.get_args(ExportFormat)
+    if entry.source is not None:
+        assert FORMAT_ORDER.index(entry.source) < FORMAT_ORDER.index(name)
+    assert f"{name}: {entry.summary}" in ExportConfig.model_fields["formats"].description
+    assert ExportConfig(formats=[*([entry.source] if entry.source else []), name]).ordered_formats()[-1] == name
+
+
+def test_a_format_without_its_source_and_an_unknown_format_are_recipe_errors():
+    with pytest.raises(ValidationError, match="'ort' is converted from the ONNX export: add 'onnx'"):
+        ExportConfig(formats=["ort"])
+    with pytest.raises(ValidationError) as excinfo:
+        ExportConfig(formats=["tflite"])
+    assert all(f"'{name}'" in str(excinfo.value) for name in EXPORT_FORMATS)
+
+
+def test_a_format_registered_before_its_source_is_refused():
+    from edgekd.export.formats import ExportFormatEntry, _sources_first
+
+    late = Registry("export format", [ExportFormatEntry("ort", ".ort", "m:f", "x", source="onnx"),
+                                      ExportFormatEntry("onnx", ".onnx", "m:f", "y")])
+    with pytest.raises(ValueError, match="registered before it"):
+        _sources_first(late)

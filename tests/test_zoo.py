@@ -26,8 +26,8 @@ from edgekd.export.config import VerifyConfig
 from edgekd.export.onnx_export import export_onnx
 from edgekd.export.parity import check_parity
 from edgekd.models.adapter import check_batch_axis, logits_of
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.spec import ModelSpec
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.pruner import PruningPlan, kept_whole_rows, layer_widths
 from edgekd.prune.targets import PruneEnv, prune_at_ratio

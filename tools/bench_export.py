@@ -40,10 +40,10 @@ def run_once(mode: str) -> float:
 
     import edgekd.export.stage  # noqa: F401  (registers the export stage)
     from edgekd.export.config import ExportConfig
-    from edgekd.pipeline.context import RunContext
     from edgekd.pipeline.rundir import RunDir
-    from edgekd.pipeline.stage import stage_for
     from edgekd.recipe.load import load_recipe
+    from edgekd.stage.base import stage_for
+    from edgekd.stage.context import RunContext
 
     teacher, student, data = quickstart_models()
     stage = stage_for(ExportConfig(formats=["onnx", "ort", "pte"], parallel=mode == "parallel"))

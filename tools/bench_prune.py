@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from edgekd.bench.latency import paired_speedup
 from edgekd.data import digits_bundle
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.spec import ModelSpec
 from edgekd.models.stats import count_params_macs
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import PruneConfig
 from edgekd.prune.latency import measure_models, timing_batch
 from edgekd.prune.targets import PruneEnv, prune_at_ratio

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 from edgekd.runtimes.registry import RUNTIMES
 
 #: the runtimes a recipe may name: a Literal of the registry's names, so an unknown one is refused
@@ -70,12 +70,3 @@ class BenchmarkConfig(StrictModel):
     @classmethod
     def _unique_runtimes(cls, value: list[str]) -> list[str]:
         return _unique(value, "runtimes")
-
-
-class GateConfig(StrictModel):
-    """Fail the run (exit code 3, after writing the report) when the student loses too much accuracy."""
-
-    max_accuracy_drop: float | None = Field(
-        None, ge=0.0, le=100.0,
-        description="largest allowed loss of top-1 accuracy, in percentage points, of any benchmarked student "
-                    "artifact against the teacher on the same runtime (None: no gate)")

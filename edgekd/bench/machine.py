@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from edgekd.pipeline.versions import library_versions
+from edgekd.versions import library_versions
 
 #: ISA extensions that decide which kernels a runtime can use (name as Linux reports it)
 ISA_FLAGS: tuple[str, ...] = (

@@ -105,10 +105,8 @@ def measure_peak_memory(path: Path, runtime: str, *, batch_size: int, threads: i
 
     Raises ``StageError`` when the child fails (its last error line is in the message).
     """
-    import edgekd
-
     RUNTIMES[runtime]  # an unknown name fails here, listing the valid ones, not in the child
-    package_root = str(Path(edgekd.__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding edgekd/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
                                                        if p)}
     cmd = [sys.executable, "-m", "edgekd.bench.memory", runtime, str(path), "--batch", str(batch_size),

@@ -22,9 +22,9 @@ from edgekd.bench.results import BenchmarkResult, Note
 from edgekd.fileio import atomic_write_json
 from edgekd.models.evaluate import predict_logits
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import Artifact, RunContext
-from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.runtimes.registry import RUNTIMES
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import Artifact, RunContext
 
 BENCHMARK_FILE = "benchmark.json"
 #: the data split every accuracy figure of the benchmark is measured on
@@ -42,12 +42,11 @@ def _make_hint(fmt: str) -> str:
 def _portable_checkpoint(ctx: RunContext, role: str) -> Artifact:
     """The role's model as an edgekd portable ``.pt`` (what the torch runtime loads)."""
     from edgekd.models.portable import save_portable
-    from edgekd.pipeline.teacher import teacher_spec
 
     existing = ctx.artifact(role, "torch")
     if existing is not None and existing.status == "ok" and existing.path.is_file():
         return existing
-    spec = teacher_spec(ctx.recipe) if role == "teacher" else (ctx.recipe.student.spec() or teacher_spec(ctx.recipe))
+    spec = ctx.recipe.teacher.spec() if role == "teacher" else ctx.recipe.student_spec()
     path = ctx.run_dir.path / "artifacts" / f"{role}.pt"
     save_portable(getattr(ctx, role), path, spec=spec, num_classes=ctx.data.num_classes,
                   input_shape=ctx.data.input_shape, extra={"role": role, "written_by": "benchmark"})

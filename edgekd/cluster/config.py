@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 
 
 class ClusterConfig(StrictModel):

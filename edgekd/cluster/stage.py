@@ -29,8 +29,8 @@ from edgekd.fileio import atomic_write_json
 from edgekd.models.adapter import close_names_hint, find_layer, layer_names
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 from edgekd.train.config import TrainConfig
 from edgekd.train.trainer import fit
 

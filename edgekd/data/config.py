@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 
 
 class SourceConfig(StrictModel):

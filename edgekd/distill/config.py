@@ -23,8 +23,8 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, model_validator
 
+from edgekd.config_base import StrictModel
 from edgekd.distill.losses import AttentionLoss, HintLoss, KDLoss, RKDLoss, TermLoss
-from edgekd.recipe.base import StrictModel
 from edgekd.registry import Registry
 from edgekd.train.config import TrainConfig
 

@@ -19,8 +19,8 @@ from edgekd.distill.losses import KDSettings, term_layers
 from edgekd.distill.objective import DistillObjective, term_losses
 from edgekd.errors import RecipeError, StageError
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 from edgekd.train.config import TrainConfig
 from edgekd.train.guard import at_chance
 from edgekd.train.objectives import CrossEntropyObjective, Objective

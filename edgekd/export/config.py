@@ -14,16 +14,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
+from edgekd.export.formats import EXPORT_FORMATS, FORMAT_ORDER
 
-ExportFormat = Literal["onnx", "ort", "pte"]
+#: the names of ``EXPORT_FORMATS``, for pydantic (errors list them; the JSON Schema gets an enum)
+ExportFormat = EXPORT_FORMATS.literal()
 Role = Literal["teacher", "student"]
 
 #: largest per-sample logit difference allowed, as a fraction of the sample's largest |logit|
 DEFAULT_RTOL = 1e-2
 
-#: the order artifacts are made in: ``ort`` is converted from the ``onnx`` file
-FORMAT_ORDER: tuple[ExportFormat, ...] = ("onnx", "ort", "pte")
 
 
 class VerifyConfig(StrictModel):
@@ -60,8 +60,7 @@ class ExportConfig(StrictModel):
     """Export ONNX, ORT-format (ORT Mobile) and ExecuTorch XNNPACK files, each verified against PyTorch."""
 
     formats: list[ExportFormat] = Field(default_factory=lambda: list(FORMAT_ORDER), min_length=1,
-                                        description="onnx: .onnx; ort: .ort for ORT Mobile (made from the "
-                                        ".onnx, so needs onnx); pte: ExecuTorch .pte lowered to XNNPACK")
+                                        description="; ".join(f"{e.name}: {e.summary}" for e in EXPORT_FORMATS.values()))
     roles: list[Role] = Field(default_factory=lambda: ["teacher", "student"], min_length=1,
                               description="models exported; the benchmark compares teacher and student on "
                               "every runtime, so both are exported by default")
@@ -88,9 +87,11 @@ class ExportConfig(StrictModel):
 
     @field_validator("formats")
     @classmethod
-    def _ort_needs_onnx(cls, value: list[str]) -> list[str]:
-        if "ort" in value and "onnx" not in value:
-            raise ValueError("'ort' is converted from the ONNX export: add 'onnx' to formats")
+    def _sources_listed(cls, value: list[str]) -> list[str]:
+        for fmt in value:
+            source = EXPORT_FORMATS[fmt].source
+            if source is not None and source not in value:
+                raise ValueError(f"'{fmt}' is converted from the {source.upper()} export: add '{source}' to formats")
         return value
 
     def ordered_formats(self) -> list[ExportFormat]:

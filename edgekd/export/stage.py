@@ -32,74 +32,26 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from edgekd.errors import EdgekdError, ParityError, RecipeError, StageError
 from edgekd.export.config import ExportConfig, ExportFormat
-from edgekd.export.executorch_export import export_pte
-from edgekd.export.onnx_export import export_onnx
-from edgekd.export.ort_format import convert_to_ort, mobile_usability
+from edgekd.export.formats import EXPORT_FORMATS
+from edgekd.export.makers import ExportJob
 from edgekd.export.parity import check_parity
 from edgekd.export.prepare import eval_on_cpu, one_line, whole_cause
-from edgekd.pipeline.context import Artifact, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
-from edgekd.runtimes.executorch_xnnpack import ExecuTorchRuntime
-from edgekd.runtimes.registry import runtime_for_format
+from edgekd.runtimes.registry import RUNTIME_FOR_FORMAT, runtime_for_format
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import Artifact, RunContext, ValidationContext
 
-EXTENSIONS: dict[str, str] = {"onnx": ".onnx", "ort": ".ort", "pte": ".pte"}
 #: where the parallel child's stdout/stderr go, inside the stage's folder
 CHILD_LOG = "parallel-child.log"
 
-
-@dataclass
-class ExportJob:
-    """One role's model (CPU, eval mode), where its files go, and the batch sizes each file must run."""
-
-    role: str
-    model: nn.Module
-    example: torch.Tensor
-    out_dir: Path
-    config: ExportConfig
-    #: single-call batch sizes checked besides the parity batches (verify's and the benchmark's)
-    batch_sizes: tuple[int, ...] = ()
-    #: a file that failed for its format is moved here (None: deleted), so artifacts/ holds no dead file
-    failed_dir: Path | None = None
-
-    def path(self, fmt: str) -> Path:
-        return self.out_dir / f"{self.role}{EXTENSIONS[fmt]}"
-
-
-def _make_onnx(job: ExportJob) -> dict[str, Any]:
-    cfg = job.config
-    return export_onnx(job.model, job.example, job.path("onnx"), opset=cfg.opset,
-                       dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify)
-
-
-def _make_ort(job: ExportJob) -> dict[str, Any]:
-    source = job.path("onnx")  # ExportConfig guarantees onnx is made first
-    info = convert_to_ort(source, job.path("ort"), target_platform=job.config.ort_target_platform)
-    info["source"] = source.name
-    info["mobile_usability"] = mobile_usability(source)
-    return info
-
-
-def _make_pte(job: ExportJob) -> dict[str, Any]:
-    return export_pte(job.model, job.example, job.path("pte"), dynamic_batch=job.config.dynamic_batch,
-                      max_batch=job.config.pte_max_batch)
-
-
-#: how each format is made (dispatch on the recipe's Literal value)
-EXPORTERS: dict[str, Callable[[ExportJob], dict[str, Any]]] = {"onnx": _make_onnx, "ort": _make_ort, "pte": _make_pte}
-
-#: what a format is made from: it cannot be made when that artifact failed
-SOURCES: dict[str, str] = {"ort": "onnx"}
 
 #: parity numbers copied into the stage summary and the failed artifact's record
 PARITY_KEYS = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine_similarity", "sqnr_db", "top1_agreement")
@@ -112,10 +64,8 @@ def _summary_row(artifact: Artifact, root: Path) -> dict[str, Any]:
            "status": artifact.status, "file_bytes": info.get("file_bytes"),
            **{k: parity.get(k) for k in PARITY_KEYS}, "samples": parity.get("samples"),
            "batches_checked": [b["batch"] for b in parity.get("batches", []) if "skipped" not in b]}
-    extra_keys = {"onnx": ("exporter", "opset", "nodes", "batchnorm_nodes"),
-                  "ort": ("target_platform",),
-                  "pte": ("delegated_nodes", "non_delegated_nodes", "delegated_share", "max_batch")}
-    row.update({k: info.get(k) for k in extra_keys.get(artifact.fmt, ())})
+    entry = EXPORT_FORMATS.get(artifact.fmt)
+    row.update({k: info.get(k) for k in (entry.summary_keys if entry is not None else ())})
     if artifact.fmt == "ort":
         row["mobile_recommendation"] = (info.get("mobile_usability") or {}).get("recommendation")
     if "error" in info:
@@ -146,9 +96,7 @@ class ArtifactFailed(Exception):
 
 def _set_aside(job: ExportJob, artifact: Artifact) -> None:
     """Move a failed artifact's files out of ``artifacts/`` (to ``job.failed_dir``, else delete them)."""
-    companions = [artifact.path]
-    if artifact.fmt == "ort":
-        companions.append(artifact.path.with_suffix(".required_operators.config"))
+    companions = [artifact.path, *(artifact.path.with_suffix(c) for c in EXPORT_FORMATS[artifact.fmt].companions)]
     for path in companions:
         if not path.is_file():
             continue
@@ -178,7 +126,7 @@ def export_and_verify(job: ExportJob, fmt: ExportFormat, x_val: torch.Tensor) ->
     started = time.perf_counter()
     artifact = Artifact(role=job.role, fmt=fmt, path=job.path(fmt), info={})
     try:
-        artifact.info = EXPORTERS[fmt](job)
+        artifact.info = EXPORT_FORMATS[fmt].make(job)
     except StageError as exc:
         raise _format_failed(job, artifact, StageError(f"exporting the {job.role} to {fmt}: {exc.message}",
                                                        hint=exc.hint)) from exc
@@ -218,7 +166,7 @@ def export_role(job: ExportJob, x_val: torch.Tensor) -> RoleOutcome:
     outcome = RoleOutcome(role=job.role)
     made: dict[str, Artifact] = {}
     for fmt in job.config.ordered_formats():
-        source = SOURCES.get(fmt)
+        source = EXPORT_FORMATS[fmt].source
         if source is not None and source in made and made[source].status != "ok":
             artifact = Artifact(role=job.role, fmt=fmt, path=job.path(fmt), status="failed",
                                 info={"error": f"not made: it is converted from the {job.role}'s .{source}, "
@@ -323,9 +271,11 @@ class ExportStage(Stage[ExportConfig]):
     name = "export"
 
     def check(self, ctx: ValidationContext) -> None:
-        if "pte" in self.config.formats and not ExecuTorchRuntime.available():
-            raise RecipeError("'pte' needs ExecuTorch, which is not installed", key="formats",
-                              hint="pip install 'edgekd[mobile]', or drop pte from export.formats")
+        for fmt in self.config.formats:  # each format is checked by its parity runtime, which must be here
+            runtime = RUNTIME_FOR_FORMAT[fmt]
+            if not runtime.available():
+                raise RecipeError(f"'{fmt}' needs {runtime.summary} ({runtime.package}), which is not installed",
+                                  key="formats", hint=f"{runtime.install}, or drop {fmt} from export.formats")
 
     def run(self, ctx: RunContext) -> None:
         cfg = self.config

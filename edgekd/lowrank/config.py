@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from edgekd.config_base import StrictModel
 from edgekd.prune.config import LatencyProbe, SpeedupTarget
-from edgekd.recipe.base import StrictModel
 
 _TARGET_KEYS = ("energy", "params_reduction", "macs_reduction", "speedup")
 

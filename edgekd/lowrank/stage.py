@@ -35,11 +35,11 @@ from edgekd.lowrank.plan import (
 from edgekd.models.adapter import close_names_hint, find_layer
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.prune.latency import export_shipping, measure_models_at, timing_batch
 from edgekd.prune.stage import probe_latency
 from edgekd.runtimes.registry import get_runtime
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 
 #: real training samples: one traces the layer shapes, all of them make the timing batches
 SAMPLES = 64

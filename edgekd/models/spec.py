@@ -8,10 +8,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from edgekd.config_base import StrictModel
 from edgekd.errors import EdgekdError, ModelError
 from edgekd.models.adapter import adapt
 from edgekd.models.registry import BUILTIN_MODELS, build_model, resolve_factory, unknown_name_hint
-from edgekd.recipe.base import StrictModel
 
 
 class ModelSpec(StrictModel):

@@ -37,14 +37,14 @@ from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.portable import load_portable, save_portable, trusted_factories
 from edgekd.models.spec import ModelSpec
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import Artifact, LedgerRow, RunContext
 from edgekd.pipeline.rundir import MANIFEST_SCHEMA, RunDir, now_iso
-from edgekd.pipeline.stage import Stage, stage_for
-from edgekd.pipeline.teacher import prepare_teacher, teacher_spec
-from edgekd.pipeline.versions import library_versions
+from edgekd.pipeline.teacher import prepare_teacher
 from edgekd.recipe.load import recipe_hash
 from edgekd.recipe.schema import Recipe
+from edgekd.stage.base import Stage, stage_for
+from edgekd.stage.context import Artifact, LedgerRow, RunContext
 from edgekd.train.guard import at_chance
+from edgekd.versions import library_versions
 
 
 @dataclass
@@ -261,11 +261,11 @@ class Runner:
                                   "and the data's normalisation")
             self._fail(record, started, exc)
             raise exc
-        self.manifest["teacher"] = {"model": teacher_spec(self.recipe).describe(), "params": params, "macs": macs,
+        self.manifest["teacher"] = {"model": self.recipe.teacher.spec().describe(), "params": params, "macs": macs,
                                     "val_accuracy": acc, "test_accuracy": test_acc, **info}
         record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
                       outputs=self._hashes([self.run_dir.path / "teacher" / "teacher.pt"]))
-        self.console.print(f"  teacher {teacher_spec(self.recipe).describe()}: val top-1 {acc:.2f}%, test "
+        self.console.print(f"  teacher {self.recipe.teacher.spec().describe()}: val top-1 {acc:.2f}%, test "
                            f"{test_acc:.2f}%  ({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
         ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
                          student=self._initial_student(teacher, data), resume=self.resume,
@@ -276,7 +276,7 @@ class Runner:
         return ctx
 
     def _student_spec(self) -> ModelSpec:
-        return self.recipe.student.spec() or teacher_spec(self.recipe)
+        return self.recipe.student_spec()
 
     def _initial_student(self, teacher, data):
         spec = self.recipe.student.spec()

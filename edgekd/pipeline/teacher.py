@@ -16,14 +16,7 @@ from edgekd.data.bundle import DataBundle
 from edgekd.models.checkpoint import load_checkpoint, load_state_dict_checked
 from edgekd.models.fold import fold_weight_norm
 from edgekd.models.portable import load_portable, save_portable
-from edgekd.models.spec import ModelSpec
 from edgekd.recipe.schema import Recipe
-
-
-def teacher_spec(recipe: Recipe) -> ModelSpec:
-    t = recipe.teacher
-    return ModelSpec(model=t.model, factory=t.factory, kwargs=t.kwargs)
-
 
 #: where a teacher module passed from Python comes from, in errors and the manifest
 GIVEN_TEACHER = "the teacher module passed to edgekd.compress"
@@ -36,7 +29,7 @@ def load_given_teacher(recipe: Recipe, given: nn.Module, num_classes: int,
     Rebuilt from the spec, not used as is, because every saved model of a run is rebuilt from its spec
     (the export stage's child process, ``--resume``, ``edgekd export``): a module whose weights do not fit
     the recipe's ``teacher.model``/``factory`` raises ``ModelError`` now, not at export."""
-    model = teacher_spec(recipe).build(num_classes, input_shape)
+    model = recipe.teacher.spec().build(num_classes, input_shape)
     load_state_dict_checked(model, given.state_dict(), GIVEN_TEACHER)
     return model
 
@@ -56,7 +49,7 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
         model = load_given_teacher(recipe, given, data.num_classes, data.input_shape)
         info = {"source": GIVEN_TEACHER}
     elif cfg.checkpoint is not None:
-        model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
+        model = recipe.teacher.spec().build(data.num_classes, data.input_shape)
         load_checkpoint(model, cfg.checkpoint)
         info = {"source": f"checkpoint {cfg.checkpoint}"}
     else:
@@ -64,7 +57,7 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
         from edgekd.train.trainer import fit
 
         assert cfg.train is not None  # the schema guarantees checkpoint xor train
-        model = teacher_spec(recipe).build(data.num_classes, data.input_shape)
+        model = recipe.teacher.spec().build(data.num_classes, data.input_shape)
         result = fit(model, CrossEntropyObjective(label_smoothing=cfg.train.label_smoothing), data, cfg.train,
                      run_path / "teacher" / "training", device=device, resume=resume, label="teacher",
                      seed=recipe.seed, console=console)
@@ -76,6 +69,6 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
     folded = fold_weight_norm(model)
     if folded:
         info["weight_norm_folded"] = folded
-    save_portable(model, saved, spec=teacher_spec(recipe), num_classes=data.num_classes,
+    save_portable(model, saved, spec=recipe.teacher.spec(), num_classes=data.num_classes,
                   input_shape=data.input_shape, extra={"role": "teacher"})
     return model, info

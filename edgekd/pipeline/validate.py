@@ -18,10 +18,10 @@ from edgekd.data import load_data
 from edgekd.errors import EdgekdError, RecipeError
 from edgekd.models.adapter import check_batch_axis
 from edgekd.models.checkpoint import load_checkpoint
-from edgekd.pipeline.context import ValidationContext
-from edgekd.pipeline.stage import stage_for
-from edgekd.pipeline.teacher import load_given_teacher, teacher_spec
+from edgekd.pipeline.teacher import load_given_teacher
 from edgekd.recipe.load import RecipeDocument
+from edgekd.stage.base import stage_for
+from edgekd.stage.context import ValidationContext
 from edgekd.train.augment import augment_batch, augment_generator
 from edgekd.train.config import TrainConfig
 
@@ -54,7 +54,7 @@ def validate_document(doc: RecipeDocument, *, teacher: nn.Module | None = None,
         if given is not None:
             teacher = load_given_teacher(recipe, given, data.num_classes, data.input_shape)
         else:
-            teacher = teacher_spec(recipe).build(data.num_classes, data.input_shape)
+            teacher = recipe.teacher.spec().build(data.num_classes, data.input_shape)
         if given is None and recipe.teacher.checkpoint is not None:
             load_checkpoint(teacher, recipe.teacher.checkpoint)
     except EdgekdError as exc:

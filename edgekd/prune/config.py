@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 
 ImportanceName = Literal["l1", "l2", "bn_scale", "lamp", "taylor", "random"]
 RuntimeName = Literal["onnxruntime"]

@@ -22,9 +22,9 @@ from torch import nn
 
 from edgekd.data.bundle import DataBundle
 from edgekd.errors import EdgekdError
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import PruneConfig, RecoveryConfig
 from edgekd.train import distributed as dist_utils
 

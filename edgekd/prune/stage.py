@@ -16,11 +16,9 @@ from torch import nn
 from edgekd.bench.latency import paired_speedup
 from edgekd.errors import EdgekdError, ModelError, RecipeError
 from edgekd.fileio import atomic_write_json
+from edgekd.models.batchnorm import recalibrate_batchnorm
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import LedgerRow, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
-from edgekd.prune.batchnorm import recalibrate_batchnorm
 from edgekd.prune.config import LatencyTarget, PruneConfig, RatioTarget, ReductionTarget, SpeedupTarget
 from edgekd.prune.importance import NEEDS_BATCHNORM, NEEDS_GRADIENTS, has_batchnorm
 from edgekd.prune.iterative import StepRecorder, student_alive
@@ -34,6 +32,8 @@ from edgekd.prune.pruner import (
 )
 from edgekd.prune.targets import PruneEnv, ReductionObjective, prune_at_ratio, reach_target
 from edgekd.runtimes.registry import get_runtime
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 
 #: real training samples used to trace the graph and to build timing batches
 SAMPLES = 64

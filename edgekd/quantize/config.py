@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 from edgekd.registry import Registry
 from edgekd.train.config import TrainConfig
 

@@ -16,11 +16,11 @@ from typing import ClassVar
 from edgekd.errors import RecipeError, RuntimeUnavailableError
 from edgekd.fileio import atomic_path
 from edgekd.models.stats import count_params_macs
-from edgekd.pipeline.context import Artifact, LedgerRow, RunContext, ValidationContext
-from edgekd.pipeline.stage import Stage, register_stage
 from edgekd.quantize.candidates import SearchOutcome
 from edgekd.quantize.config import QUANT_METHODS, QuantizeConfig
 from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
+from edgekd.stage.base import Stage, register_stage
+from edgekd.stage.context import Artifact, LedgerRow, RunContext, ValidationContext
 
 #: validation samples the per-layer INT8 error is measured on (every tensor of both graphs is kept per batch)
 LAYER_ERROR_SAMPLES = 128

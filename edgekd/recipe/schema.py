@@ -12,11 +12,12 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from edgekd.bench.config import BenchmarkConfig, GateConfig
+from edgekd.bench.config import BenchmarkConfig
+from edgekd.config_base import StrictModel
 from edgekd.data.registry import DataConfig
 from edgekd.models.spec import ModelSpec
-from edgekd.recipe.base import StrictModel
 from edgekd.recipe.stages import StageEntry
+from edgekd.report.config import GateConfig
 from edgekd.train.config import TrainConfig
 
 #: what the data decides, never a model keyword argument
@@ -53,6 +54,10 @@ class TeacherConfig(ModelSpec):
         return self
 
     _kwargs_from_data = field_validator("kwargs")(classmethod(lambda cls, v: _refuse_data_kwargs(v)))
+
+    def spec(self) -> ModelSpec:
+        """The teacher's architecture alone (model or factory and kwargs), without its weights' source."""
+        return ModelSpec(model=self.model, factory=self.factory, kwargs=self.kwargs)
 
 
 class StudentConfig(StrictModel):
@@ -96,3 +101,7 @@ class Recipe(StrictModel):
     stages: list[StageEntry] = Field(default_factory=list, description="run in order")
     benchmark: BenchmarkConfig | None = Field(None, description="teacher vs student on each runtime")
     gate: GateConfig | None = Field(None, description="fail the run (exit 3) past this accuracy drop")
+
+    def student_spec(self) -> ModelSpec:
+        """The student's architecture: its own, or the teacher's when it starts as a copy of the teacher."""
+        return self.student.spec() or self.teacher.spec()

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pydantic import model_validator
 
 from edgekd.cluster.config import ClusterConfig
+from edgekd.config_base import StrictModel
 from edgekd.distill.config import DistillConfig, FinetuneConfig
 from edgekd.export.config import ExportConfig
 from edgekd.lowrank.config import LowRankConfig
 from edgekd.prune.config import PruneConfig
 from edgekd.quantize.config import QuantizeConfig
-from edgekd.recipe.base import StrictModel
 
 
 class StageEntry(StrictModel):

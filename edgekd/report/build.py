@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from edgekd.bench.config import GateConfig
 from edgekd.bench.machine import describe_machine
 from edgekd.bench.results import BenchmarkResult
 from edgekd.errors import ConfigError
 from edgekd.fileio import atomic_write_json, atomic_write_text
+from edgekd.report.config import GateConfig
 from edgekd.report.gate import evaluate_gate
 from edgekd.report.schema import (
     AccuracyDrop,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from edgekd.config_base import StrictModel
 from edgekd.errors import ConfigError
-from edgekd.recipe.base import StrictModel
 
 
 class AugmentConfig(StrictModel):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 from edgekd.train.augment import AugmentConfig
 
 #: which epoch a training run keeps (``TrainConfig.keep``)

@@ -408,7 +408,7 @@ def _recalibrate(model: nn.Module, data: DataBundle, max_batches: int, batch_siz
                  device: torch.device) -> int:
     """Re-estimate every BatchNorm's running statistics from up to ``max_batches`` training batches (drawn
     by seed and epoch, so a resumed run gets the same). Returns the batches used (0: no BatchNorm)."""
-    from edgekd.prune.batchnorm import recalibrate_batchnorm
+    from edgekd.models.batchnorm import recalibrate_batchnorm
 
     # drop_last: a last batch of one sample cannot be normalised in train mode (see ``global_batches``)
     loader = data.train_loader(batch_size, seed=seed * 100_003 + epoch, drop_last=len(data.train) > batch_size)

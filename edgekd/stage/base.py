@@ -10,10 +10,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
-from edgekd.recipe.base import StrictModel
+from edgekd.config_base import StrictModel
 
 if TYPE_CHECKING:
-    from edgekd.pipeline.context import RunContext, ValidationContext
+    from edgekd.stage.context import RunContext, ValidationContext
 
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
 
