@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgekd.bench.config import GateConfig
 from edgekd.errors import GateFailedError
 from edgekd.report.build import build_report
+from edgekd.report.config import GateConfig
 from edgekd.report.schema import REPORT_SCHEMA_VERSION, Report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,10 +143,42 @@ def test_markdown_and_html_render_with_plots(run):
     assert "## Exported files" in md and "| student | onnx | artifacts/student.onnx | ok |" in md
 
 
+def test_html_report_renders_in_a_headless_browser_with_every_plot(run):
+    """report.html opened in a real browser (Debian's chromium, driven by selenium): every plot decodes
+    and is drawn, the tables are there, and nothing is fetched from outside the file. ``.ci/run`` installs
+    chromium and chromium-driver; where they are missing this test is skipped, saying so."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver; .ci/run does)")
+    from selenium import webdriver
+
+    _, out = run
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        browser.get((out / "report.html").resolve().as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight,"
+            " i.getBoundingClientRect().width])")
+        assert len(images) == 3, images  # latency, Pareto, ledger
+        for alt, complete, width, height, shown_width in images:
+            assert complete and width > 100 and height > 100 and shown_width > 100, (alt, width, height, shown_width)
+        assert browser.execute_script("return document.querySelectorAll('table').length") >= 9
+        assert "What ships" in browser.execute_script("return document.body.innerText")
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert all(name.startswith("data:") for name in fetched), fetched  # self-contained
+    finally:
+        browser.quit()
+
+
 def test_report_command_renders_again_from_the_files(run, tmp_path):
     import shutil
 
-    from edgekd.report.command import render_report
+    from edgekd.commands.report import render_report
     from edgekd.report.summary import print_summary
 
     _, out = run
