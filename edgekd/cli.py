@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 out_console = Console()
 _state = {"debug": False}
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False, metavar="RECIPE")]
 FactoryOpt = Annotated[
     list[str] | None,
     typer.Option("--factory", help="trust a checkpoint that names this user factory (package.module:function); "
@@ -84,7 +84,7 @@ def schema() -> None:
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Argument(help="portable .pt checkpoint from a run (student/ or teacher/)")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="portable .pt checkpoint from a run (student/ or teacher/)")],
     to: Annotated[str, typer.Option("--to", help="onnx, ort or pte")],
     out: Annotated[Path | None, typer.Option("--out", help="output file")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
@@ -102,7 +102,7 @@ def export(
 
 @app.command()
 def benchmark(
-    model: Annotated[Path, typer.Argument(help=".onnx, .ort, .pte or portable .pt file (the student)")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help=".onnx, .ort, .pte or portable .pt file (the student)")],
     against: Annotated[Path | None, typer.Option("--against", help="the teacher file to compare with")] = None,
     threads: Annotated[list[int] | None, typer.Option("--threads", help="thread counts")] = None,
     batch_sizes: Annotated[list[int] | None, typer.Option("--batch-size", help="batch sizes")] = None,
@@ -117,7 +117,7 @@ def benchmark(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory", metavar="RUN_DIR")]) -> None:
     """Render report.json, report.md and report.html of a run again."""
     from edgekd.commands.report import render_report
     from edgekd.report.summary import print_summary
@@ -148,13 +148,26 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun with --resume to continue")
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors (unknown option, missing argument) come through here in
+        # standalone_mode=False
+        if isinstance(exc, _usage_error_types()):
             exc.show()
             sys.exit(2)
         raise
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The command-line parser's error classes: click's, and the copy of click that Typer bundles from 0.29
+    (``typer._click``), whose exceptions are not click's classes."""
+    import importlib
+
+    types = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            types.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):  # an older or newer Typer without the bundled copy
+            continue
+    return tuple(types)
 
 
 def _escape(text: str) -> str:

@@ -302,3 +302,22 @@ def test_a_runtime_that_is_not_installed_becomes_a_note(digits8, tmp_path, monke
     assert "not installed" in result.notes[0].message and "edgekd[mobile]" in result.notes[0].message
     assert [m.runtime for m in result.models] == ["onnxruntime"]
     assert result.timings[0].latency is not None and result.timings[0].speedup_vs_teacher is None
+
+
+def test_memory_probe_loads_a_checkpoint_of_a_trusted_factory(tmp_path):
+    """The memory probe runs in a child process; a teacher .pt built by a recipe's factory must load there too
+    (the parent's trust is passed on), and a checkpoint naming an untrusted factory is still refused."""
+    from edgekd.bench.memory import measure_peak_memory
+    from edgekd.errors import StageError
+    from edgekd.models.portable import save_portable, trusted_factories
+    from edgekd.models.spec import ModelSpec
+
+    factory = "tests.factories:dict_net"
+    spec = ModelSpec(factory=factory)
+    with trusted_factories([factory]):
+        path = tmp_path / "teacher.pt"
+        save_portable(spec.build(10, (1, 8, 8)).eval(), path, spec=spec, num_classes=10, input_shape=(1, 8, 8))
+        usage = measure_peak_memory(path, "torch", batch_size=2, threads=1, sample_shape=(1, 8, 8))
+    assert usage.runtime == "torch" and usage.peak_mib >= usage.baseline_mib > 0
+    with pytest.raises(StageError, match="dict_net"):  # outside the block nothing vouches for the factory
+        measure_peak_memory(path, "torch", batch_size=2, threads=1, sample_shape=(1, 8, 8))

@@ -51,6 +51,10 @@ def test_also_takes_shorthands_and_allows_one_method_per_format():
     assert QuantizeConfig().also == []  # existing recipes: one method, as before
     with pytest.raises(ValidationError, match="one method per format"):  # both would write student.int8.onnx
         QuantizeConfig.model_validate({"method": "ort_static", "also": ["ort_dynamic"]})
+    # the fix it names is a method of another format, never the one that clashed
+    with pytest.raises(ValidationError, match=r"e.g. also: \[ort_") as info:
+        QuantizeConfig.model_validate({"method": "executorch", "also": [{"kind": "executorch"}]})
+    assert "also: [executorch]" not in str(info.value)
 
 
 def test_validate_names_the_key_of_the_also_method(digits8):
@@ -115,3 +119,47 @@ def test_stage_makes_onnx_and_pte_int8_each_timed_on_its_runtime(mlp, digits8, t
     titles = [t.title for t in stage_tables(doc)]
     assert titles == ["Quantization candidates", f"INT8 error per layer: {errors['candidate']} against FP32",
                       "Quantization candidates, .pte on executorch"]
+
+
+def test_layer_error_of_a_qoperator_graph_is_read_from_its_qdq_twin(mlp, digits8, tmp_path):
+    """A QOperator graph keeps one QuantizeLinear at the input and one DequantizeLinear at the output and fuses
+    the rest into integer operators: nothing inside can be matched against FP32. The stage reads the QDQ twin
+    (same settings, QDQ format) and says so; with no twin the table says why there are no rows."""
+    from edgekd.pipeline.rundir import RunDir
+    from edgekd.quantize.layer_error import is_qdq_graph
+    from edgekd.quantize.stage import QuantizeStage
+    from edgekd.recipe.schema import Recipe
+    from edgekd.report.stage_tables import layer_error_table
+    from edgekd.stage.context import RunContext
+
+    import onnx
+
+    recipe = Recipe.model_validate({"name": "q", "data": {"dataset": "digits", "image_size": 8},
+                                    "teacher": {"model": "mlp", "train": {"epochs": 1}}})
+
+    def run(candidates: list[dict], where: str) -> dict:
+        ctx = RunContext(recipe=recipe, run_dir=RunDir(tmp_path / where), data=digits8, device=torch.device("cpu"),
+                         teacher=mlp, student=copy.deepcopy(mlp))
+        cfg = QuantizeConfig.model_validate({
+            "method": {"kind": "ort_static", "calibration": {"samples": 64}, "candidates": candidates},
+            "max_accuracy_drop": 100.0, "keep_if_faster": False, "speed": FAST_TIMING})
+        QuantizeStage(cfg).run(ctx)
+        return ctx.report_data["quantize"]
+
+    alone = run([{"format": "qoperator"}], "alone")
+    (cand,) = alone["candidates"]
+    assert not is_qdq_graph(onnx.load(str(tmp_path / "alone" / cand["path"])))  # QOperator, yet Q and DQ nodes
+    errors = alone["layer_error"]
+    assert "rows" not in errors and "not a QDQ graph" in errors["error"] and "no QDQ candidate" in errors["error"]
+    table = layer_error_table(alone)  # the report says why, rather than dropping the table
+    assert table is not None and table.rows == [[errors["error"]]]
+    assert not list((tmp_path / "alone").rglob("layer_error"))  # no empty working folder left behind
+
+    both = run([{"format": "qoperator"}, {"format": "qdq"}], "both")
+    errors = both["layer_error"]
+    qoperator, qdq = both["candidates"]
+    assert errors["rows"] and {r["op_type"] for r in errors["rows"]} & {"Gemm", "MatMul", "Relu"}
+    assert errors["candidate"] == qdq["name"]  # never the QOperator graph: it has no matchable tensors
+    if errors.get("read_for"):  # the QOperator candidate was the one to explain: its twin stands in, by name
+        assert errors["read_for"] == qoperator["name"] and qdq["name"] in errors["note"]
+        assert errors["note"] in layer_error_table(both).caption

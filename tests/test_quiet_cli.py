@@ -44,3 +44,17 @@ def test_validate_of_a_hugging_face_teacher_prints_nothing_on_stderr(tmp_path):
     assert debug.returncode == 0 and debug.stdout == proc.stdout
     # what the filters hid is real library output, shown with --debug (not a test of an empty stream)
     assert "torchao" in debug.stderr or "_pytree" in debug.stderr, debug.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["compress", "--nope", "r.yaml"], "No such option: --nope"),
+    (["compress"], "Missing argument"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_usage_errors_exit_2_with_the_parser_message_and_no_traceback(argv, says):
+    """Typer 0.29 raises usage errors from its own copy of click (``typer._click``), not click's classes: each
+    must still be a usage message and exit code 2, never a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "edgekd", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert says in proc.stderr and "Traceback" not in proc.stderr and "Usage: " in proc.stderr

@@ -225,6 +225,28 @@ def test_gate_reads_only_the_test_split():
     both = Report(generated="now", run_dir="run", name="r", accuracy_drops=[drop("val", 97.9), drop("test", 96.0)])
     verdict = evaluate_gate(both, 1.0)
     assert not verdict.passed and verdict.worst.split == "test" and verdict.worst.drop == pytest.approx(2.0)
+    # the limit carries its unit and the key that sets it
+    assert "beyond the gate's 1 point (gate.max_accuracy_drop)" in verdict.message
+    assert "within the gate's 2.5 points" in evaluate_gate(both, 2.5).message
+
+
+def test_report_notes_an_int8_student_slower_than_fp32_at_a_batch_size_the_decision_did_not_time():
+    from edgekd.report.markdown import render_markdown, slower_int8_lines
+    from edgekd.report.schema import Comparison
+
+    def row(model: str, batch: int, ms: float) -> Comparison:
+        return Comparison(runtime="onnxruntime", threads=1, batch_size=batch, model=model, teacher_p50_ms=10.0,
+                          p50_ms=ms, speedup=10.0 / ms)
+
+    quant = {"runtime": "onnxruntime", "batch_size": 32, "also": [{"runtime": "executorch", "batch_size": 8}]}
+    report = Report(generated="now", run_dir="run", name="r", stage_data={"quantize": quant},
+                    comparisons=[row("student", 1, 0.20), row("student-int8", 1, 0.25),  # slower at batch 1
+                                 row("student", 32, 4.0), row("student-int8", 32, 1.5)])
+    (line,) = slower_int8_lines(report)
+    assert "onnxruntime" in line and "1t batch 1: 0.250 vs 0.200 ms" in line and "batch 32" not in line.split(";")[0]
+    assert "chose it at batch 32 (quantize.speed.batch_size)" in line and line in render_markdown(report)
+    faster = report.model_copy(update={"comparisons": [row("student", 1, 0.20), row("student-int8", 1, 0.10)]})
+    assert slower_int8_lines(faster) == []
 
 
 def test_deployed_student_is_the_shipped_int8_file_when_quantize_shipped_one():

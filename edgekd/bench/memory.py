@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -73,8 +74,11 @@ def _maxrss_mib() -> float:
     return peak / _MIB if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
-def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple[int, ...]) -> dict:
+def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple[int, ...],
+           factories: tuple[str, ...] = ()) -> dict:
     import importlib
+
+    from edgekd.models.portable import trusted_factories
 
     import numpy as np
 
@@ -86,7 +90,8 @@ def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple
     rss_kib = _status_kib("VmRSS")
     hwm_reset = rss_kib is not None and _reset_peak()
     baseline = rss_kib / 1024.0 if hwm_reset else _maxrss_mib()
-    model = engine.load(path, threads)
+    with trusted_factories(factories):  # the parent's trust, passed on: a portable .pt may name a user factory
+        model = engine.load(path, threads)
     for _ in range(3):
         model.run(batch)
     if hwm_reset:
@@ -100,17 +105,25 @@ def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple
 # -- the parent side --------------------------------------------------------------------------
 
 def measure_peak_memory(path: Path, runtime: str, *, batch_size: int, threads: int, sample_shape: tuple[int, ...],
-                        timeout_s: float = 300.0) -> MemoryUsage:
+                        timeout_s: float = 300.0, factories: Iterable[str] | None = None) -> MemoryUsage:
     """Load ``path`` in ``runtime`` in a new Python process, run a batch, and report its memory.
 
+    ``factories``: user factories a portable checkpoint may name (default: those trusted where this is called,
+    ``models.portable.trusted_now``); the child sees this process's import path, so it finds them too.
     Raises ``StageError`` when the child fails (its last error line is in the message).
     """
+    from edgekd.models.portable import trusted_now
+
     RUNTIMES[runtime]  # an unknown name fails here, listing the valid ones, not in the child
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding edgekd/
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
-                                                       if p)}
+    # this process's own path after the user's: a factory importable here (a recipe's package, a test's
+    # module) must be importable there
+    parts = [package_root, os.environ.get("PYTHONPATH", ""), *(p for p in sys.path if p and os.path.isdir(p))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in parts if p))}
     cmd = [sys.executable, "-m", "edgekd.bench.memory", runtime, str(path), "--batch", str(batch_size),
            "--threads", str(threads), "--shape", ",".join(str(s) for s in sample_shape)]
+    for factory in sorted(trusted_now() if factories is None else factories):
+        cmd += ["--factory", factory]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -129,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shape", required=True, help="one sample's shape, e.g. 1,32,32")
+    parser.add_argument("--factory", action="append", default=[], help="a user factory the checkpoint may name")
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     try:
-        print(json.dumps(_child(args.runtime, args.path, args.batch, args.threads, shape)))
+        print(json.dumps(_child(args.runtime, args.path, args.batch, args.threads, shape, tuple(args.factory))))
     except EdgekdError as exc:  # one line, which the parent quotes in its StageError, not a traceback
         print(exc.message if not exc.hint else f"{exc.message} ({exc.hint})", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

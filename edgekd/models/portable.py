@@ -62,6 +62,12 @@ def trusted_factories(factories: Iterable[str | None]) -> Iterator[frozenset[str
     finally:
         _TRUSTED_FACTORIES.reset(token)
 
+
+def trusted_now() -> frozenset[str]:
+    """The factories trusted at this point (the enclosing ``trusted_factories`` blocks): what a child process
+    that loads this command's checkpoints must be told to trust, since a context variable does not cross."""
+    return _TRUSTED_FACTORIES.get()
+
 # Attributes that pruning changes and forward() reads (conv/linear/norm/attention/embedding).
 SHAPE_ATTRIBUTES = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",

@@ -265,8 +265,13 @@ class QuantizeConfig(StrictModel):
         for where, method in self.keyed_methods():
             fmt = QUANT_METHODS[method.kind].fmt
             if fmt in seen:
+                # name what would work here: a method of a format not used yet, never the one that clashed
+                used = set(seen) | {fmt}
+                others = [k for k, e in QUANT_METHODS.items() if e.fmt not in used]
+                fix = (f"list a method of another format under 'also' (e.g. also: [{others[0]}])" if others
+                       else "every format already has its method")
                 raise ValueError(f"{where} ({method.kind}) makes .{fmt} files like {seen[fmt]}: one method per "
-                                 f"format (list methods for other formats under 'also', e.g. also: [executorch])")
+                                 f"format; to use {method.kind} instead, set it as that one; else {fix}")
             seen[fmt] = f"{where} ({method.kind})"
         return self
 

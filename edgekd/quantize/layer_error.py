@@ -12,7 +12,8 @@ noise ratios (SQNR, dB; higher is better, every 6 dB is about one bit):
 
 A layer whose ``xmodel_err`` drops sharply against its input's is where accuracy goes; a low
 ``qdq_err`` says its activation range is hard to represent in 8 bits (outliers). Only QDQ models
-can be matched (QOperator graphs fuse the pairs away): other formats give ``None``.
+can be matched (QOperator graphs fuse the pairs away): other formats give ``None``, and the quantize
+stage then reads the error of the graph's QDQ twin (same settings, QDQ format) when it made one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ class _Reader:
         return item
 
 
+#: kernels that show a QOperator or dynamic graph: its Q/DQ pairs are fused into integer operators, so the
+#: float tensors inside have nothing to be matched against
+_FUSED_PREFIXES = ("QLinear", "DynamicQuantize")
+_FUSED_OPS = {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QAttention"}
+
+
+def is_qdq_graph(model: onnx.ModelProto) -> bool:
+    """True when ``model`` is a QDQ graph (float operators between QuantizeLinear/DequantizeLinear pairs), the
+    only form ONNX Runtime's QDQ debugging tools can match; False for QOperator and dynamic graphs, which keep a
+    QuantizeLinear at the input and a DequantizeLinear at the output but fuse everything between."""
+    ops = {n.op_type for n in model.graph.node}
+    if "QuantizeLinear" not in ops or "DequantizeLinear" not in ops:
+        return False
+    return not any(op in _FUSED_OPS or op.startswith(_FUSED_PREFIXES) for op in ops)
+
+
 def _finite(v: Any) -> float | None:
     try:
         f = float(v)
@@ -60,8 +77,8 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
                  ) -> list[dict[str, Any]] | None:
     """Per-activation SQNR of ``qdq_path`` against ``fp32_path`` (the float graph it was quantized from) on
     samples ``x`` [N, C, H, W] float32; rows in graph order, each ``{tensor, node, op_type, xmodel_sqnr_db,
-    qdq_sqnr_db}``. None when the INT8 graph has no QuantizeLinear/DequantizeLinear pairs to match (QOperator,
-    dynamic quantization)."""
+    qdq_sqnr_db}``. None when the INT8 graph is not a QDQ graph (``is_qdq_graph``: QOperator, dynamic
+    quantization). ``workdir`` holds the augmented copies while they run and is removed when left empty."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_activation_error,
@@ -69,9 +86,7 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
         modify_model_output_intermediate_tensors,
     )
 
-    qdq = onnx.load(str(qdq_path), load_external_data=False)
-    if not any(n.op_type == "DequantizeLinear" for n in qdq.graph.node) or not any(
-            n.op_type == "QuantizeLinear" for n in qdq.graph.node):
+    if not is_qdq_graph(onnx.load(str(qdq_path), load_external_data=False)):
         return None
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     input_name = fp32.graph.input[0].name
@@ -87,6 +102,8 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
     finally:  # the augmented copies are as large as the models and only needed here
         for path in (fp32_aug, qdq_aug):
             path.unlink(missing_ok=True)
+        if not any(workdir.iterdir()):
+            workdir.rmdir()
     order = {out: i for i, node in enumerate(fp32.graph.node) for out in node.output}
     rows = []
     for tensor, err in errors.items():

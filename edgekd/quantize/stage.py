@@ -16,7 +16,7 @@ from typing import ClassVar
 from edgekd.errors import RecipeError, RuntimeUnavailableError
 from edgekd.fileio import atomic_path
 from edgekd.models.stats import count_params_macs
-from edgekd.quantize.candidates import SearchOutcome
+from edgekd.quantize.candidates import Candidate, SearchOutcome
 from edgekd.quantize.config import QUANT_METHODS, QuantizeConfig
 from edgekd.quantize.methods import QuantizeJob, pte_max_batch, run_method
 from edgekd.stage.base import Stage, register_stage
@@ -88,27 +88,41 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def _layer_error(self, ctx: RunContext, outcome: SearchOutcome, workdir: Path) -> dict[str, object] | None:
         """Per-layer error (``layer_error.layer_errors``) of the shipped INT8 ONNX model, or, when FP32 stayed, of
-        the most accurate INT8 candidate: the one whose loss needs explaining. None without a QDQ candidate."""
-        from edgekd.quantize.layer_error import layer_errors
+        the most accurate INT8 candidate: the one whose loss needs explaining. A QOperator or dynamic graph cannot
+        be matched tensor by tensor; its QDQ twin (the same settings in QDQ format) is read instead and named as
+        such. None without any INT8 candidate."""
+        import onnx
+
+        from edgekd.quantize.layer_error import is_qdq_graph, layer_errors
 
         shipped = outcome.decision.shipped
         measured = [c for c in outcome.candidates if c.ok and c.path is not None]
         target = shipped if outcome.decision.ships_int8 else max(measured, key=lambda c: c.accuracy, default=None)
-        if target is None:
+        if target is None or target.path is None:
             return None
+        read, note = target, None
+        if not is_qdq_graph(onnx.load(str(target.path), load_external_data=False)):
+            read = _qdq_twin(target, measured)
+            if read is None:
+                return {"candidate": target.name, "shipped": target is shipped,
+                        "error": f"{target.name} is not a QDQ graph (its Q/DQ pairs are fused into integer "
+                                 "operators) and no QDQ candidate was made to read instead; ONNX Runtime's QDQ "
+                                 "debugging tools match QuantizeLinear/DequantizeLinear pairs only"}
+            note = (f"{target.name} is not a QDQ graph (its Q/DQ pairs are fused into integer operators); these "
+                    f"are the errors of {read.name}, its QDQ twin (the same calibration, ranges and float nodes)")
         # the graph the candidates were quantized from, so tensor names match (the exported file otherwise)
         prepared = workdir / "student.fp32.prep.onnx"
         fp32 = prepared if prepared.is_file() else outcome.fp32.path
         samples = min(LAYER_ERROR_SAMPLES, self.config.eval_samples or LAYER_ERROR_SAMPLES)
         x, _ = ctx.data.val_tensors(samples)
         try:
-            rows = layer_errors(fp32, target.path, x.numpy(), workdir / "layer_error")
+            rows = layer_errors(fp32, read.path, x.numpy(), workdir / "layer_error")
         except Exception as exc:  # a debugging view: its failure is reported, never the stage's
-            return {"candidate": target.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-        if rows is None:
-            return {"candidate": target.name, "error": "not a QDQ graph: ONNX Runtime's QDQ debugging tools "
-                                                       "match QuantizeLinear/DequantizeLinear pairs only"}
-        return {"candidate": target.name, "samples": len(x), "shipped": target is shipped, "rows": rows}
+            return {"candidate": read.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        if not rows:
+            return {"candidate": read.name, "error": "no tensor of the INT8 graph matched one of the FP32 graph"}
+        return {"candidate": read.name, "samples": len(x), "shipped": target is shipped,
+                **({"read_for": target.name, "note": note} if note else {}), "rows": rows}
 
     @staticmethod
     def _ledger_notes(outcome: SearchOutcome) -> dict[str, object]:
@@ -161,3 +175,18 @@ class QuantizeStage(Stage[QuantizeConfig]):
                                   info={"exported_by": "quantize", "max_batch": pte_max_batch(job),
                                         "file_bytes": path.stat().st_size}))
         return path
+
+
+def _qdq_twin(target: Candidate, measured: list[Candidate]) -> Candidate | None:
+    """The QDQ candidate quantized like ``target`` (same settings but the format, same float nodes), else the most
+    accurate QDQ candidate: the graph whose per-tensor error stands in for a QOperator ``target``'s."""
+    import onnx
+
+    from edgekd.quantize.layer_error import is_qdq_graph
+
+    qdq = [c for c in measured if c is not target and c.path is not None
+           and is_qdq_graph(onnx.load(str(c.path), load_external_data=False))]
+    same = {k: v for k, v in target.settings.items() if k != "format"}
+    twins = [c for c in qdq if {k: v for k, v in c.settings.items() if k != "format"} == same
+             and c.excluded_nodes == target.excluded_nodes]
+    return (twins or sorted(qdq, key=lambda c: -(c.accuracy or 0.0)) or [None])[0]

@@ -35,6 +35,7 @@ def summary_lines(report: Report) -> list[str]:
                      f"on the {worst.split} split ({worst.teacher_top1_pct:.2f}% → {worst.top1_pct:.2f}%; "
                      f"{worst.basis}).")
     lines += deployed_lines(report)
+    lines += slower_int8_lines(report)
     if report.accuracy_splits:
         lines.append(f"- Accuracy splits: benchmark and gate on {report.accuracy_splits.get('benchmark.accuracy')} "
                      f"(held out from every decision); the ledger shows val (what decisions read) and test.")
@@ -62,6 +63,33 @@ def deployed_lines(report: Report) -> list[str]:
     return [f"- **Deployed students** ({shipped}): {low.speedup:.2f}x ({low.runtime}, {low.threads}t, batch "
             f"{low.batch_size}) to {high.speedup:.2f}x ({high.runtime}, {high.threads}t, batch {high.batch_size}) "
             f"faster than the teacher, measured on each runtime (table 'What ships')."]
+
+
+def slower_int8_lines(report: Report) -> list[str]:
+    """A line per runtime where the shipped INT8 student timed slower than its FP32 twin at some batch size in
+    the benchmark: the quantize stage decides at one batch size (``quantize.speed.batch_size``), and a model
+    deployed at another should not learn the difference from its users."""
+    decided = {}
+    for _, data in report.stage_entries("quantize"):
+        for outcome in [data, *(data.get("also") or [])] if isinstance(data, dict) else []:
+            if isinstance(outcome, dict) and outcome.get("runtime"):
+                decided[outcome["runtime"]] = outcome.get("batch_size")
+    by_setting = {(c.runtime, c.threads, c.batch_size, c.model): c for c in report.comparisons}
+    slower: dict[str, list[str]] = {}
+    for (runtime, threads, batch, model), int8 in by_setting.items():
+        fp32 = by_setting.get((runtime, threads, batch, "student"))
+        if model == "student-int8" and fp32 is not None and int8.p50_ms > fp32.p50_ms:
+            slower.setdefault(runtime, []).append(
+                f"{threads}t batch {batch}: {int8.p50_ms:.3f} vs {fp32.p50_ms:.3f} ms")
+    lines = []
+    for runtime, where in slower.items():
+        batch = decided.get(runtime)
+        basis = (f"the quantize stage chose it at batch {batch}" if batch is not None
+                 else "the quantize stage chose it at another batch size")
+        lines.append(f"- Note ({runtime}): the INT8 student is slower than the FP32 student at "
+                     f"{'; '.join(where)} (p50); {basis} (quantize.speed.batch_size). Ship the FP32 file for that "
+                     f"batch size, or set quantize.speed.batch_size to it.")
+    return lines
 
 
 def render_markdown(report: Report) -> str:

@@ -137,8 +137,12 @@ def quantize_candidates_table(quant: Any, key: str | None = None, title: str = "
 def layer_error_table(quant: Any, key: str | None = None) -> Table | None:
     """Per-layer error of an INT8 ONNX graph against FP32 (ONNX Runtime's QDQ debugging tools), worst first."""
     data = quant.get("layer_error") if isinstance(quant, dict) else None
-    if not isinstance(data, dict) or not data.get("rows"):
+    if not isinstance(data, dict):
         return None
+    if not data.get("rows"):  # say why there is no table: a reader looking for one should not have to guess
+        reason = data.get("error") or "no rows"
+        return Table(_titled(f"INT8 error per layer: {data.get('candidate', '?')} against FP32", key), ["why not"],
+                     [[str(reason)]], caption="onnxruntime.quantization.qdq_loss_debug could not be run on it")
     rows = sorted(data["rows"], key=lambda r: (r.get("xmodel_sqnr_db") is None, r.get("xmodel_sqnr_db") or 0.0))
     shown = rows[:LAYER_ERROR_ROWS]
     t = Table(_titled(f"INT8 error per layer: {data.get('candidate', '?')} against FP32", key),
@@ -146,7 +150,8 @@ def layer_error_table(quant: Any, key: str | None = None) -> Table | None:
               caption=f"onnxruntime.quantization.qdq_loss_debug on {data.get('samples', '?')} val samples; SQNR: "
                       f"signal-to-quantization-noise ratio, higher is better (6 dB ≈ 1 bit); 'vs FP32' is the "
                       f"error accumulated up to this tensor, 'own Q/DQ' the error its quantization alone adds; "
-                      f"worst {len(shown)} of {len(rows)} tensors")
+                      f"worst {len(shown)} of {len(rows)} tensors"
+                      + (f". {data['note']}" if data.get("note") else ""))
     for r in shown:
         t.rows.append([str(r.get("tensor")), str(r.get("node")), str(r.get("op_type")),
                        fmt_num(r.get("xmodel_sqnr_db"), ".1f"), fmt_num(r.get("qdq_sqnr_db"), ".1f")])
