@@ -304,20 +304,40 @@ def test_a_runtime_that_is_not_installed_becomes_a_note(digits8, tmp_path, monke
     assert result.timings[0].latency is not None and result.timings[0].speedup_vs_teacher is None
 
 
-def test_memory_probe_loads_a_checkpoint_of_a_trusted_factory(tmp_path):
-    """The memory probe runs in a child process; a teacher .pt built by a recipe's factory must load there too
-    (the parent's trust is passed on), and a checkpoint naming an untrusted factory is still refused."""
+def test_memory_probe_loads_a_checkpoint_of_a_trusted_factory(digits8, tmp_path):
+    """The memory probe runs in a child process started from a thread pool; a teacher .pt built by a user's
+    factory must load there too (the trust given to ``benchmark_files`` / the recipe is passed on through the
+    pool's threads, which do not see the caller's context), and an untrusted one is still refused."""
     from edgekd.bench.memory import measure_peak_memory
+    from edgekd.commands.benchmark import benchmark_files
     from edgekd.errors import StageError
-    from edgekd.models.portable import save_portable, trusted_factories
+    from edgekd.models.portable import save_portable
     from edgekd.models.spec import ModelSpec
 
     factory = "tests.factories:dict_net"
     spec = ModelSpec(factory=factory)
-    with trusted_factories([factory]):
-        path = tmp_path / "teacher.pt"
-        save_portable(spec.build(10, (1, 8, 8)).eval(), path, spec=spec, num_classes=10, input_shape=(1, 8, 8))
-        usage = measure_peak_memory(path, "torch", batch_size=2, threads=1, sample_shape=(1, 8, 8))
-    assert usage.runtime == "torch" and usage.peak_mib >= usage.baseline_mib > 0
-    with pytest.raises(StageError, match="dict_net"):  # outside the block nothing vouches for the factory
+    path = tmp_path / "teacher.pt"
+    save_portable(spec.build(10, (1, 8, 8)).eval(), path, spec=spec, num_classes=10, input_shape=(1, 8, 8))
+    result = benchmark_files(path, threads=[1], batch_sizes=[2], warmup=0, min_time_s=0.0, min_iters=2,
+                             memory=True, peak=False, factories=[factory])
+    (entry,) = result.models
+    assert entry.memory_error is None and entry.memory is not None, entry.memory_error
+    assert entry.memory.runtime == "torch" and entry.memory.peak_mib >= entry.memory.baseline_mib > 0
+    with pytest.raises(StageError, match="dict_net"):  # nothing vouches for the factory here
         measure_peak_memory(path, "torch", batch_size=2, threads=1, sample_shape=(1, 8, 8))
+
+
+def test_fp32_peak_is_the_faster_library_and_never_falls_with_more_threads():
+    from edgekd.bench.peak import GemmPeak, at_least_fewer_threads, fp32_gemm_peak
+
+    peak = fp32_gemm_peak(1, sizes=(64, 128), min_time_s=0.01, min_iters=3)
+    assert peak.precision == "fp32" and set(peak.by_size) == {"64", "128"}
+    assert peak.gflops == max(peak.by_size.values()) > 0 and "faster of torch.mm and onnxruntime" in peak.backend
+    # a 2-thread probe that read below 1 thread (another job on the second core) is floored at the 1-thread one
+    peaks = {("fp32", 1): GemmPeak(threads=1, gflops=100.0, size=512), ("fp32", 2): GemmPeak(threads=2, gflops=68.0,
+             size=512), ("fp32", 4): GemmPeak(threads=4, gflops=300.0, size=512),
+             ("int8", 2): GemmPeak(threads=2, gflops=50.0, size=512, precision="int8")}
+    floored = at_least_fewer_threads(peaks)
+    assert floored[("fp32", 2)].gflops == 100.0 and "below 100.0 at 1" in floored[("fp32", 2)].backend
+    assert floored[("fp32", 4)].gflops == 300.0 and floored[("fp32", 1)] == peaks[("fp32", 1)]
+    assert floored[("int8", 2)].gflops == 50.0  # precisions are never mixed

@@ -270,6 +270,18 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_node_in_float(mlp8, digits8
     assert outcome.decision.shipped is repaired and outcome.decision.within_tolerance
     assert op_histogram(repaired.path).get("QuantizeLinear", 0) >= 1  # the head is still INT8
     assert [step["float_nodes"] for step in sens.trail] == list(range(1, len(repaired.excluded_nodes) + 1))
+    # the trail reaches report.md / .html, naming each node put back in float, and the candidates say how
+    # many calls each latency came from
+    from edgekd.report.stage_tables import quantize_candidates_table, quantize_fallback_table
+
+    data = outcome.to_json(tmp_path)
+    table = quantize_fallback_table(data)
+    assert table is not None and [row[1] for row in table.rows] == repaired.excluded_nodes
+    assert fc1 in table.caption and "met the tolerance" in table.caption
+    candidates = quantize_candidates_table(data)
+    iters = candidates.headers.index("iters")
+    assert all(row[iters].isdigit() and int(row[iters]) >= 1 for row in candidates.rows if row[4] != "—")
+    assert "timed calls" in candidates.caption
 
 
 def test_tolerance_unmet_ships_fp32_and_says_so(mlp8, digits8, tmp_path):

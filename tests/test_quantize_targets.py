@@ -113,6 +113,11 @@ def test_stage_makes_onnx_and_pte_int8_each_timed_on_its_runtime(mlp, digits8, t
     assert errors["candidate"] == report["candidates"][0]["name"] and errors["samples"] > 0
     assert {r["op_type"] for r in errors["rows"]} & {"Gemm", "MatMul", "Relu"}  # the Linear layers' tensors
     assert all(r["xmodel_sqnr_db"] is None or r["xmodel_sqnr_db"] > 0 for r in errors["rows"])
+    # the quantizer folds each Relu into its Q/DQ range: the "own" error applies the Relu first, so it reads as
+    # 8-bit quantization does (tens of dB), not as the Relu's clipping of negatives (about 3 dB)
+    relus = [r for r in errors["rows"] if r["op_type"] == "Relu"]
+    assert relus and all(r["qdq_sqnr_db"] is not None and r["qdq_sqnr_db"] > 15 for r in relus), relus
+    assert any(r["sqnr_drop_db"] is not None for r in errors["rows"])  # where the error grows, per node
     assert "layer_error" not in pte  # no QDQ graph to match in a .pte
     # both searches and the per-layer error reach the report's tables
     doc = Report(generated="now", run_dir=str(tmp_path), name="q", stage_data={"quantize": report})
@@ -161,5 +166,5 @@ def test_layer_error_of_a_qoperator_graph_is_read_from_its_qdq_twin(mlp, digits8
     assert errors["rows"] and {r["op_type"] for r in errors["rows"]} & {"Gemm", "MatMul", "Relu"}
     assert errors["candidate"] == qdq["name"]  # never the QOperator graph: it has no matchable tensors
     if errors.get("read_for"):  # the QOperator candidate was the one to explain: its twin stands in, by name
-        assert errors["read_for"] == qoperator["name"] and qdq["name"] in errors["note"]
+        assert errors["read_for"] == qoperator["name"] and qdq["name"] in errors["note"] and "twin" in errors["note"]
         assert errors["note"] in layer_error_table(both).caption

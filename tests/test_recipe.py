@@ -155,3 +155,12 @@ def test_every_example_recipe_validates():
     assert recipes
     for path in recipes:
         validate_document(load_recipe(path))
+
+
+def test_a_folder_or_a_missing_path_as_the_recipe_says_which(tmp_path):
+    (tmp_path / "mine.yaml").write_text("name: x\n")
+    with pytest.raises(RecipeError, match="is a folder, not a recipe file") as info:
+        load_recipe(tmp_path)
+    assert "mine.yaml" in info.value.hint  # the files it could have meant
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "absent.yaml")

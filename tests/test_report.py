@@ -136,6 +136,10 @@ def test_markdown_and_html_render_with_plots(run):
     assert len(images) == 3 and all(len(i) > 1000 for i in images)  # latency, Pareto, ledger
     assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
     assert html.count("<table>") >= 9 and "Pareto" in html
+    # the HTML reads top-down too: what ships before any plot, each plot under the table whose numbers it draws
+    first_plot = html.index("<figure>")
+    assert html.index("What ships") < html.index("<h2>Teacher vs student") < first_plot
+    assert html.index("<h2>Stage ledger") < html.index('alt="Stage ledger"') < html.index("<h2>Latency")
     # what the stages decided reaches the report, not only report.json: each distillation epoch
     # and each exported file with its parity figures
     assert "## Distillation epochs" in md and re.search(r"\| 1 \| [0-9.e-]+ \| \d+\.\d{4} \| \d+\.\d\d% \|", md)

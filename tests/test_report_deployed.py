@@ -71,6 +71,8 @@ def test_what_ships_has_one_row_per_runtime_with_the_int8_pte_where_it_shipped()
                       ["ort-mobile (ARM-optimised, timed on x86)", "artifacts/student.ort", "FP32", "2.000", "3.00x",
                        "30.0", "3.00x", "96.90%", "97.20%"]]
     assert "optimised for ARM" in t.caption
+    # an INT8 file shipped for ExecuTorch, the .ort stayed FP32: the caption says why, and how to make one
+    assert "the .ort stays FP32" in t.caption and "convert_onnx_models_to_ort student.int8.onnx" in t.caption
 
 
 def test_rates_are_shares_of_their_own_precisions_peak_and_percentiles_need_enough_calls():

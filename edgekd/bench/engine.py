@@ -33,9 +33,10 @@ from edgekd.bench.config import BenchmarkConfig
 from edgekd.bench.latency import measure_interleaved, paired_speedup
 from edgekd.bench.machine import machine_facts
 from edgekd.bench.memory import measure_peak_memory
-from edgekd.bench.peak import GemmPeak, achieved_gflops, gemm_peak, int8_gemm_peak
+from edgekd.bench.peak import GemmPeak, achieved_gflops, at_least_fewer_threads, fp32_gemm_peak, int8_gemm_peak
 from edgekd.bench.results import BenchmarkResult, ModelEntry, Note, TimingEntry, model_label
 from edgekd.errors import EdgekdError
+from edgekd.models.portable import trusted_now
 from edgekd.runtimes.base import LoadedModel
 from edgekd.runtimes.registry import RUNTIMES, get_runtime
 
@@ -113,11 +114,12 @@ class _Bench:
         self.peaks: dict[tuple[str, int], GemmPeak] = {}
         if config.peak:
             for t in config.threads:
-                self.peaks[("fp32", t)] = gemm_peak(t)
+                self.peaks[("fp32", t)] = fp32_gemm_peak(t)
                 try:
                     self.peaks[("int8", t)] = int8_gemm_peak(t)
                 except ImportError:  # no onnxruntime: INT8 models get no share rather than the FP32 one
                     pass
+            self.peaks = at_least_fewer_threads(self.peaks)
 
     def entry(self, c: Candidate) -> ModelEntry:
         return self.models[(c.runtime, c.label)]
@@ -209,11 +211,15 @@ class _Bench:
         largest = max(self.config.batch_sizes)
         todo = [c for c in group.candidates if self.entry(c).error is None]
 
+        # read here: the pool's threads do not see this thread's context variables
+        factories = trusted_now()
+
         def measure(c: Candidate) -> None:
             entry = self.entry(c)
             try:
                 entry.memory = measure_peak_memory(c.path, c.runtime, batch_size=min(largest, entry.max_batch or largest),
-                                                   threads=threads, sample_shape=self.inputs.sample_shape)
+                                                   threads=threads, sample_shape=self.inputs.sample_shape,
+                                                   factories=factories)
             except EdgekdError as exc:
                 entry.memory_error = _first_line(exc)
 

@@ -10,8 +10,10 @@ noise ratios (SQNR, dB; higher is better, every 6 dB is about one bit):
 - ``xmodel_err``: the FP32 model's tensor vs the INT8 model's dequantized one: the error accumulated
   up to this point of the network.
 
-A layer whose ``xmodel_err`` drops sharply against its input's is where accuracy goes; a low
-``qdq_err`` says its activation range is hard to represent in 8 bits (outliers). Only QDQ models
+A layer whose ``xmodel_err`` drops sharply against its input's (``sqnr_drop_db``) is where accuracy goes;
+a low ``qdq_err`` says its activation range is hard to represent in 8 bits (outliers). Where the quantizer
+folded a Relu or Clip into the Q/DQ range, ``qdq_err`` compares the activation of the pair's input with its
+output (ORT's own ``compute_activation_error`` compares the pre-activation tensor and reads about 3 dB). Only QDQ models
 can be matched (QOperator graphs fuse the pairs away): other formats give ``None``, and the quantize
 stage then reads the error of the graph's QDQ twin (same settings, QDQ format) when it made one.
 """
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 #: rows kept in the report (the worst first); report.json keeps them all
 MAX_ROWS = 200
@@ -73,15 +77,37 @@ def _finite(v: Any) -> float | None:
     return round(f, 2) if math.isfinite(f) else None
 
 
+def _fused_activation(node: onnx.NodeProto | None, initializers: dict[str, np.ndarray]
+                      ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The function of a Relu or constant-bound Clip that ORT's QDQ quantizer folds into the Q/DQ range (the
+    node is removed and the quantization clamps instead), or None. In the QDQ graph the pair's input is then
+    the tensor *before* the activation, so "its own Q/DQ error" must compare activation(pre) with post, not
+    pre with post (which measures the ReLU, not the quantization: 3 dB on every ReLU output)."""
+    if node is None:
+        return None
+    if node.op_type == "Relu":
+        return lambda a: np.maximum(a, 0.0)
+    if node.op_type == "Clip":
+        bounds = [initializers.get(name) if name else None for name in list(node.input[1:3]) + [None] * 2][:2]
+        low, high = (None if b is None else float(np.asarray(b).reshape(-1)[0]) for b in bounds)
+        attrs = {a.name: a.f for a in node.attribute}  # opset < 11 keeps the bounds as attributes
+        low, high = attrs.get("min", low), attrs.get("max", high)
+        return lambda a: np.clip(a, low, high)
+    return None
+
+
 def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, *, batch_size: int = 32
                  ) -> list[dict[str, Any]] | None:
     """Per-activation SQNR of ``qdq_path`` against ``fp32_path`` (the float graph it was quantized from) on
     samples ``x`` [N, C, H, W] float32; rows in graph order, each ``{tensor, node, op_type, xmodel_sqnr_db,
-    qdq_sqnr_db}``. None when the INT8 graph is not a QDQ graph (``is_qdq_graph``: QOperator, dynamic
-    quantization). ``workdir`` holds the augmented copies while they run and is removed when left empty."""
+    qdq_sqnr_db, sqnr_drop_db}``. ``sqnr_drop_db``: how much of the accumulated SQNR this node loses against
+    the worst of its inputs (positive = this node is where error grows; the report sorts by it). None when
+    the INT8 graph is not a QDQ graph (``is_qdq_graph``: QOperator, dynamic quantization). ``workdir`` holds
+    the augmented copies while they run and is removed when left empty. Source: ONNX Runtime's
+    ``onnxruntime.quantization.qdq_loss_debug`` (activation collection, matching, SQNR)."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
+        compute_signal_to_quantization_noice_ratio,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -91,6 +117,7 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     input_name = fp32.graph.input[0].name
     producer = {out: node for node in fp32.graph.node for out in node.output}
+    initializers = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer if i.data_type == 1}
     workdir.mkdir(parents=True, exist_ok=True)
     fp32_aug, qdq_aug = workdir / "fp32.debug.onnx", workdir / "int8.debug.onnx"
     modify_model_output_intermediate_tensors(str(fp32_path), str(fp32_aug))
@@ -98,18 +125,31 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
     try:
         float_acts = collect_activations(str(fp32_aug), _Reader(input_name, x, batch_size))
         qdq_acts = collect_activations(str(qdq_aug), _Reader(input_name, x, batch_size))
-        errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+        matching = create_activation_matching(qdq_acts, float_acts)
     finally:  # the augmented copies are as large as the models and only needed here
         for path in (fp32_aug, qdq_aug):
             path.unlink(missing_ok=True)
         if not any(workdir.iterdir()):
             workdir.rmdir()
     order = {out: i for i, node in enumerate(fp32.graph.node) for out in node.output}
-    rows = []
-    for tensor, err in errors.items():
+    rows: dict[str, dict[str, Any]] = {}
+    for tensor, match in matching.items():
         node = producer.get(tensor)
-        rows.append({"tensor": tensor, "node": node.name if node is not None else "(graph input)",
-                     "op_type": node.op_type if node is not None else "input",
-                     "xmodel_sqnr_db": _finite(err.get("xmodel_err")), "qdq_sqnr_db": _finite(err.get("qdq_err"))})
-    rows.sort(key=lambda r: order.get(r["tensor"], -1))
-    return rows[:MAX_ROWS]
+        pre, post = match.get("pre_qdq"), match.get("post_qdq")
+        fused = _fused_activation(node, initializers)
+        if fused is not None and pre:
+            pre = [fused(a) for a in pre]
+        own = compute_signal_to_quantization_noice_ratio(pre, post) if pre and post else None
+        accumulated = compute_signal_to_quantization_noice_ratio(match["float"], post) \
+            if match.get("float") and post else None
+        rows[tensor] = {"tensor": tensor, "node": node.name if node is not None else "(graph input)",
+                        "op_type": node.op_type if node is not None else "input",
+                        "xmodel_sqnr_db": _finite(accumulated), "qdq_sqnr_db": _finite(own)}
+    for tensor, row in rows.items():
+        node = producer.get(tensor)
+        inputs = [rows[i]["xmodel_sqnr_db"] for i in (node.input if node is not None else [])
+                  if i in rows and rows[i]["xmodel_sqnr_db"] is not None]
+        row["sqnr_drop_db"] = (round(min(inputs) - row["xmodel_sqnr_db"], 2)
+                               if inputs and row["xmodel_sqnr_db"] is not None else None)
+    ordered = sorted(rows.values(), key=lambda r: order.get(r["tensor"], -1))
+    return ordered[:MAX_ROWS]

@@ -102,14 +102,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
             return None
         read, note = target, None
         if not is_qdq_graph(onnx.load(str(target.path), load_external_data=False)):
-            read = _qdq_twin(target, measured)
+            read, exact = _qdq_twin(target, measured)
             if read is None:
                 return {"candidate": target.name, "shipped": target is shipped,
                         "error": f"{target.name} is not a QDQ graph (its Q/DQ pairs are fused into integer "
                                  "operators) and no QDQ candidate was made to read instead; ONNX Runtime's QDQ "
                                  "debugging tools match QuantizeLinear/DequantizeLinear pairs only"}
+            stand_in = ("its QDQ twin (the same settings and float nodes in QDQ format)" if exact else
+                        "the most accurate QDQ candidate (no QDQ candidate shares its settings, so its errors "
+                        "differ by the settings too)")
             note = (f"{target.name} is not a QDQ graph (its Q/DQ pairs are fused into integer operators); these "
-                    f"are the errors of {read.name}, its QDQ twin (the same calibration, ranges and float nodes)")
+                    f"are the errors of {read.name}, {stand_in}")
         # the graph the candidates were quantized from, so tensor names match (the exported file otherwise)
         prepared = workdir / "student.fp32.prep.onnx"
         fp32 = prepared if prepared.is_file() else outcome.fp32.path
@@ -177,9 +180,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
         return path
 
 
-def _qdq_twin(target: Candidate, measured: list[Candidate]) -> Candidate | None:
-    """The QDQ candidate quantized like ``target`` (same settings but the format, same float nodes), else the most
-    accurate QDQ candidate: the graph whose per-tensor error stands in for a QOperator ``target``'s."""
+def _qdq_twin(target: Candidate, measured: list[Candidate]) -> tuple[Candidate | None, bool]:
+    """(stand-in, whether it is an exact twin): the QDQ candidate quantized like ``target`` (same settings but
+    the format, same float nodes), else the most accurate QDQ candidate, else None: the graph whose per-tensor
+    error stands in for a QOperator ``target``'s."""
     import onnx
 
     from edgekd.quantize.layer_error import is_qdq_graph
@@ -189,4 +193,6 @@ def _qdq_twin(target: Candidate, measured: list[Candidate]) -> Candidate | None:
     same = {k: v for k, v in target.settings.items() if k != "format"}
     twins = [c for c in qdq if {k: v for k, v in c.settings.items() if k != "format"} == same
              and c.excluded_nodes == target.excluded_nodes]
-    return (twins or sorted(qdq, key=lambda c: -(c.accuracy or 0.0)) or [None])[0]
+    if twins:
+        return twins[0], True
+    return max(qdq, key=lambda c: c.accuracy or 0.0, default=None), False

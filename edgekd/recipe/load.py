@@ -205,6 +205,10 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, *,
                 adjust: Callable[[dict], None] | None = None) -> RecipeDocument:
     """Read, parse and validate a recipe file; relative paths in it are made relative to its folder."""
     path = Path(path)
+    if path.is_dir():  # say what it is: "does not exist" for a folder that plainly exists misleads
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        raise RecipeError(f"{path} is a folder, not a recipe file", file=str(path),
+                          hint=f"name a YAML file in it ({', '.join(yamls)})" if yamls else "name a recipe YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist", file=str(path))
     try:

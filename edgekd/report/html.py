@@ -45,10 +45,22 @@ def _summary_html(report: Report) -> str:
     return f"<ul>{''.join(items)}</ul>" if items else ""
 
 
+def _figure_html(plot) -> str:
+    return (f'<figure><img alt="{escape(plot.title)}" src="{plot.data_uri()}"><figcaption>{escape(plot.title)}'
+            f"</figcaption></figure>")
+
+
 def render_html(report: Report) -> str:
-    plots = "\n".join(f'<figure><img alt="{escape(p.title)}" src="{p.data_uri()}"><figcaption>{escape(p.title)}'
-                      f"</figcaption></figure>" for p in all_plots(report))
-    tables = "\n".join(_table_html(t) for t in all_tables(report))
+    # top-down as report.md: the tables in order, each plot once, under the first table whose numbers it draws
+    # (plots with no such table, e.g. a run without one, follow the summary)
+    pending, parts = all_plots(report), []
+    for table in all_tables(report):
+        parts.append(_table_html(table))
+        here = [p for p in pending if p.follows and table.title.startswith(p.follows)]
+        parts += [_figure_html(p) for p in here]
+        pending = [p for p in pending if p not in here]
+    plots = "\n".join(_figure_html(p) for p in pending)
+    tables = "\n".join(parts)
     machine = "<h2>Machine</h2><table><tbody>" + "".join(
         f"<tr><th>{escape(k)}</th><td style='text-align:left'>{escape(v)}</td></tr>" for k, v in machine_rows(report)
     ) + "</tbody></table>"

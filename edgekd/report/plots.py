@@ -27,8 +27,12 @@ MARKERS = {entry.name: entry.marker for entry in RUNTIMES.values()}
 
 @dataclass
 class Plot:
+    """A rendered figure; ``follows``: the start of the title of the table it belongs under in report.html
+    (the report reads top-down, so each plot sits beside its numbers; unmatched plots go after the summary)."""
+
     title: str
     png: bytes
+    follows: str = ""
 
     def data_uri(self) -> str:
         return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
@@ -89,7 +93,7 @@ def latency_plot(bench: BenchmarkResult) -> Plot | None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Measured latency per runtime: teacher vs student (labels: speed-up over the teacher)",
                  fontsize=10)
-    return Plot("Latency per runtime, thread count and batch size", _png(fig))
+    return Plot("Latency per runtime, thread count and batch size", _png(fig), follows="Teacher vs student")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -104,7 +108,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def pareto_plot(bench: BenchmarkResult) -> Plot | None:
+def pareto_plot(bench: BenchmarkResult, split: str | None = None) -> Plot | None:
+    """Top-1 against p50 latency per setting with the Pareto front; ``split`` names the samples the accuracy
+    is on (the run's test split; None for a file benchmark, whose labels say nothing of a split)."""
     rows = []
     for t in bench.timings:
         model = bench.model(t.runtime, t.label)
@@ -130,7 +136,7 @@ def pareto_plot(bench: BenchmarkResult) -> Plot | None:
         if max(lats) / max(min(lats), 1e-12) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(f"p50 latency, ms ({th} thread{'s' * (th != 1)}, batch {bs})", fontsize=8)
-        ax.set_ylabel("val top-1, %", fontsize=8)
+        ax.set_ylabel(f"{split + ' ' if split else ''}top-1, %", fontsize=8)
         ax.tick_params(labelsize=8)
     for idx in range(len(settings), n_rows * cols):
         axes[idx // cols][idx % cols].set_visible(False)
@@ -142,7 +148,7 @@ def pareto_plot(bench: BenchmarkResult) -> Plot | None:
     handles.append(Line2D([], [], color="#C44E52", label="Pareto front"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     fig.suptitle("Accuracy against measured latency (marker: runtime; colour: model)", fontsize=10)
-    return Plot("Accuracy against latency, with the Pareto front", _png(fig))
+    return Plot("Accuracy against latency, with the Pareto front", _png(fig), follows="Teacher vs student")
 
 
 def ledger_plot(report: Report) -> Plot | None:
@@ -165,7 +171,7 @@ def ledger_plot(report: Report) -> Plot | None:
         ax2.set_ylabel(f"{split} top-1, %", fontsize=8)
         ax2.tick_params(labelsize=8)
     fig.suptitle("Stage ledger: compute and accuracy after each stage", fontsize=10)
-    return Plot("Stage ledger", _png(fig))
+    return Plot("Stage ledger", _png(fig), follows="Stage ledger")
 
 
 def training_curves_plot(report: Report) -> Plot | None:
@@ -196,12 +202,13 @@ def training_curves_plot(report: Report) -> Plot | None:
             ax2.tick_params(labelsize=8)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Distillation: val top-1 and train loss per epoch", fontsize=10)
-    return Plot("Distillation training curves", _png(fig))
+    return Plot("Distillation training curves", _png(fig), follows="Distillation epochs")
 
 
 def all_plots(report: Report) -> list[Plot]:
     plots = []
     if report.benchmark is not None:
-        plots += [latency_plot(report.benchmark), pareto_plot(report.benchmark)]
+        plots += [latency_plot(report.benchmark),
+                  pareto_plot(report.benchmark, (report.accuracy_splits or {}).get("benchmark.accuracy"))]
     plots += [ledger_plot(report), training_curves_plot(report)]
     return [p for p in plots if p is not None]

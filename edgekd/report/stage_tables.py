@@ -116,21 +116,45 @@ def quantize_candidates_table(quant: Any, key: str | None = None, title: str = "
     if not isinstance(quant, dict) or not quant.get("candidates"):
         return None
     fp32 = quant.get("fp32") or {}
-    t = Table(_titled(title, key), ["candidate", "precision", "val top-1", "drop", "p50 ms", "vs FP32", "size",
-                                    "kept in float", "decision"],
+    notes = "; ".join(str(n) for n in quant.get("notes") or [])
+    t = Table(_titled(title, key), ["candidate", "precision", "val top-1", "drop", "p50 ms", "iters", "vs FP32",
+                                    "size", "kept in float", "decision"],
               caption=f"timed on {quant.get('runtime', '?')}, {quant.get('threads', '?')} thread(s), batch "
                       f"{quant.get('batch_size', '?')}, against the FP32 {quant.get('format', '?')} file on the same "
-                      f"runtime; FP32 {_pct(fp32.get('accuracy'))}, {fmt_num(fp32.get('latency_ms'), '.3f')} ms; "
-                      f"{quant.get('reason', '')}")
+                      f"runtime (FP32 {_pct(fp32.get('accuracy'))}, {fmt_num(fp32.get('latency_ms'), '.3f')} ms, "
+                      f"{(fp32.get('latency') or {}).get('iters', '?')} timed calls); {quant.get('reason', '')}"
+                      + (f". Notes: {notes}" if notes else ""))
     for c in quant["candidates"]:
         decision = c.get("decision") or ""
         if c.get("error"):
             decision = f"failed: {c['error']}"
         # the accuracy-aware fallback's candidates name the layers (ONNX nodes) it left in float
         kept = ", ".join(c.get("excluded_nodes") or []) or "—"
+        iters = (c.get("latency") or {}).get("iters")
         t.rows.append([str(c.get("name")), str(c.get("precision", "")), _pct(c.get("accuracy")),
                        fmt_num(c.get("accuracy_drop"), ".2f"), fmt_num(c.get("latency_ms"), ".3f"),
+                       "—" if iters is None else str(iters),
                        fmt_num(c.get("speedup_vs_fp32"), ".2f", "x"), fmt_bytes(c.get("size_bytes")), kept, decision])
+    return t
+
+
+def quantize_fallback_table(quant: Any, key: str | None = None) -> Table | None:
+    """The accuracy-aware fallback's trail: nodes put back in float one at a time, most harmful first (ranked
+    by how much keeping each alone in float cuts the logits' MSE against FP32), with what each step gave."""
+    sens = quant.get("sensitivity") if isinstance(quant, dict) else None
+    if not isinstance(sens, dict) or not sens.get("trail"):
+        return None
+    ranking = ", ".join(f"{r.get('node')} ({fmt_num(r.get('mse_reduction_alone'), '.4f')})"
+                        for r in (sens.get("ranking") or [])[:8])
+    t = Table(_titled(f"INT8 accuracy fallback: layers kept in float ({quant.get('format', '?')})", key),
+              ["float nodes", "added", "logits MSE vs FP32", "val top-1", "drop"],
+              caption=f"repairing {sens.get('target', '?')}; {'met' if sens.get('met') else 'did not meet'} the "
+                      f"tolerance; best: {sens.get('best', '—')}. Ranking (logits-MSE cut when kept in float "
+                      f"alone): {ranking or '—'}. Nodes are the ONNX graph's")
+    for step in sens["trail"]:
+        t.rows.append([str(step.get("float_nodes")), str(step.get("added")), fmt_num(step.get("logits_mse"), ".4f"),
+                       _pct(step.get("accuracy")),
+                       f"failed: {step['error']}" if step.get("error") else fmt_num(step.get("accuracy_drop"), ".2f")])
     return t
 
 
@@ -143,18 +167,22 @@ def layer_error_table(quant: Any, key: str | None = None) -> Table | None:
         reason = data.get("error") or "no rows"
         return Table(_titled(f"INT8 error per layer: {data.get('candidate', '?')} against FP32", key), ["why not"],
                      [[str(reason)]], caption="onnxruntime.quantization.qdq_loss_debug could not be run on it")
-    rows = sorted(data["rows"], key=lambda r: (r.get("xmodel_sqnr_db") is None, r.get("xmodel_sqnr_db") or 0.0))
+    # where the error grows most first (older reports without the drop: lowest accumulated SQNR first)
+    rows = sorted(data["rows"], key=lambda r: (r.get("sqnr_drop_db") is None, -(r.get("sqnr_drop_db") or 0.0),
+                                               r.get("xmodel_sqnr_db") is None, r.get("xmodel_sqnr_db") or 0.0))
     shown = rows[:LAYER_ERROR_ROWS]
     t = Table(_titled(f"INT8 error per layer: {data.get('candidate', '?')} against FP32", key),
-              ["tensor", "made by", "op", "SQNR vs FP32 (dB)", "SQNR of its own Q/DQ (dB)"],
+              ["tensor", "made by", "op", "SQNR lost here (dB)", "SQNR vs FP32 (dB)", "SQNR of its own Q/DQ (dB)"],
               caption=f"onnxruntime.quantization.qdq_loss_debug on {data.get('samples', '?')} val samples; SQNR: "
                       f"signal-to-quantization-noise ratio, higher is better (6 dB ≈ 1 bit); 'vs FP32' is the "
-                      f"error accumulated up to this tensor, 'own Q/DQ' the error its quantization alone adds; "
-                      f"worst {len(shown)} of {len(rows)} tensors"
-                      + (f". {data['note']}" if data.get("note") else ""))
+                      f"error accumulated up to this tensor, 'lost here' how far it falls below the worst of the "
+                      f"node's inputs (the layers where accuracy goes come first), 'own Q/DQ' the error its "
+                      f"quantization alone adds (a folded Relu/Clip applied first); worst {len(shown)} of "
+                      f"{len(rows)} tensors" + (f". {data['note']}" if data.get("note") else ""))
     for r in shown:
         t.rows.append([str(r.get("tensor")), str(r.get("node")), str(r.get("op_type")),
-                       fmt_num(r.get("xmodel_sqnr_db"), ".1f"), fmt_num(r.get("qdq_sqnr_db"), ".1f")])
+                       fmt_num(r.get("sqnr_drop_db"), ".1f"), fmt_num(r.get("xmodel_sqnr_db"), ".1f"),
+                       fmt_num(r.get("qdq_sqnr_db"), ".1f")])
     return t
 
 
@@ -198,7 +226,7 @@ MAKERS: dict[str, tuple[Callable[[Any, str | None], Table | list[Table] | None],
     "prune": (prune_layers_table, prune_steps_table),
     "distill": (distill_history_table,),
     "export": (export_files_table,),
-    "quantize": (quantize_candidates_table, layer_error_table, quantize_other_formats_tables),
+    "quantize": (quantize_candidates_table, quantize_fallback_table, layer_error_table, quantize_other_formats_tables),
     "lowrank": (lowrank_layers_table,),
 }
 

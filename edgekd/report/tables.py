@@ -54,6 +54,14 @@ def _x86(report: Report) -> bool:
     return arch in ("x86_64", "amd64", "i386", "i686") or not arch
 
 
+#: runtimes whose file edgekd ships in FP32 only, and why (said where another runtime got an INT8 file)
+FP32_ONLY_FORMATS = {
+    "ort-mobile": "the .ort stays FP32: edgekd makes no INT8 .ort, since its speed on a phone cannot be measured "
+                  "here (ARM kernels); `python -m onnxruntime.tools.convert_onnx_models_to_ort student.int8.onnx` "
+                  "makes one from the shipped INT8 ONNX file, to time on the device",
+}
+
+
 def runtime_notes(report: Report, runtimes: list[str]) -> list[str]:
     """What a reader must know about a runtime's rows on this machine (.ort files timed on x86)."""
     return [f"{r}: {ARM_OPTIMISED[r]}" for r in dict.fromkeys(runtimes) if r in ARM_OPTIMISED and _x86(report)]
@@ -100,6 +108,9 @@ def deployed_table(report: Report) -> Table:
                 fmt_num(teacher.accuracy.top1_pct if teacher and teacher.accuracy else None, ".2f", "%")]
         t.rows.append(row)
     notes = runtime_notes(report, bench.runtimes())
+    fp32_only = [r for r in bench.runtimes() if r in FP32_ONLY_FORMATS and bench.model(r, "student") is not None
+                 and any(bench.model(o, "student-int8") is not None for o in bench.runtimes())]
+    notes += [f"{r}: {FP32_ONLY_FORMATS[r]}" for r in fp32_only]
     if notes:
         t.caption += "; " + "; ".join(notes)
     return t
@@ -139,7 +150,7 @@ def latency_table(report: Report) -> Table:
                       f"{MIN_ITERS_P99} timed calls (fewer leave no call beyond the percentile: it would be the "
                       f"slowest call), else '—'; samples/s = batch / mean; GFLOP/s = 2·MACs·batch / p50 "
                       f"(GOP/s for INT8); % of peak: against the fastest GEMM of the model's own precision "
-                      f"(FP32 torch.mm, INT8 u8×s8 MatMulInteger on ONNX Runtime) at the same thread count")
+                      f"(FP32: the faster of torch.mm and ONNX Runtime MatMul; INT8: u8×s8 MatMulInteger on ONNX Runtime) at the same thread count")
     bench = report.benchmark
     if bench is None:
         return t
