@@ -446,7 +446,10 @@ def test_iterative_pruning_with_recovery_keeps_the_student_alive(trained_resnet,
     assert rows[2]["val_accuracy"] == pytest.approx(data["val_accuracy_after_prune"], abs=1e-3)
     # same final widths, far more accuracy: one-shot is near chance (10%), steps are alive
     assert data["after"] == single["after"]
-    assert single["val_accuracy_after_prune"] < 30 and not single["alive"]["alive"]
+    # near chance: 13-17% val across machines (Intel AVX-512 vs AMD AVX2 numerics), either side of the 1.5x-chance
+    # line "alive" draws, so the verdict is checked for consistency rather than for one side
+    assert single["val_accuracy_after_prune"] < 30
+    assert single["alive"]["alive"] == (single["val_accuracy_after_prune"] > 1.5 * single["alive"]["chance_accuracy"])
     assert data["val_accuracy_after_prune"] > single["val_accuracy_after_prune"] + 25 and data["alive"]["alive"]
     assert all(r["alive"] and r["finite"] for r in rows)
     assert "→" in stepped.ledger[-1].notes["val_by_step"]
@@ -461,16 +464,39 @@ def test_iterative_pruning_with_recovery_keeps_the_student_alive(trained_resnet,
 
 def test_a_one_shot_cut_that_kills_the_student_is_redone_in_steps(trained_resnet, digits8, tmp_path):
     """steps: 1 (the default) with a ratio target: one-shot 60% leaves this student at chance, so the
-    stage prunes the unpruned student again in auto_steps (3) steps with recovery between them and
+    stage prunes the unpruned student again in auto_steps (5) steps with recovery between them and
     keeps that student; prune.json says what each gave. (HF MobileViT at 50%: one-shot 7.8% val.)"""
     ctx = _run_prune_stage(PruneConfig(ratio=0.6, probe=None), trained_resnet, digits8, tmp_path / "auto")
     data = ctx.report_data["prune"]
     auto = data["auto_steps"]
-    assert auto["steps"] == 3 and auto["kept"] == "stepped"
+    assert auto["steps"] == 5 and auto["kept"] == "stepped" and auto["kept_share"] < 0.5
     assert auto["one_shot_val_accuracy"] < 30  # near chance (10 classes), as the one-shot test above
     assert auto["stepped_val_accuracy"] == pytest.approx(data["val_accuracy_after_prune"], abs=1e-3)
     assert data["val_accuracy_after_prune"] > auto["one_shot_val_accuracy"] + 25 and data["alive"]["alive"]
-    assert [r["step"] for r in data["steps"]] == [1, 2, 3] and data["recovery"]["epochs"] == 1
+    assert [r["step"] for r in data["steps"]] == [1, 2, 3, 4, 5] and data["recovery"]["epochs"] == 1
     assert data["channel_ratio"] == pytest.approx(0.6)
-    assert "3 steps" in ctx.ledger[-1].notes["auto_steps"]
+    assert "5 steps" in ctx.ledger[-1].notes["auto_steps"]
     assert (tmp_path / "auto" / "stages" / "prune" / "auto-steps" / "step1" / "best.pt").is_file()
+
+
+def test_a_one_shot_cut_that_cripples_an_alive_student_is_redone_in_steps(trained_resnet, digits8, tmp_path):
+    """Above chance is not enough: a one-shot student that keeps less than auto_steps_below of the unpruned
+    student's accuracy above chance is pruned again in steps (HF MobileNetV2 at 50%: 25% val against an 87%
+    teacher, 19% kept, which 4 distillation epochs could not recover). Here the bar is set above what a 30% cut
+    keeps, so the retry must happen although the student is alive; with the bar at 0 it must not."""
+    from edgekd.prune.stage import kept_share
+
+    assert kept_share(25.0, 87.0, 10.0) == pytest.approx(15 / 77) and kept_share(50.0, 9.0, 10.0) == 1.0
+    ctx = _run_prune_stage(PruneConfig(ratio=0.3, probe=None, auto_steps=2, auto_steps_below=1.0), trained_resnet,
+                           digits8, tmp_path / "bar")
+    data = ctx.report_data["prune"]
+    auto = data["auto_steps"]
+    assert auto is not None and auto["steps"] == 2 and data["alive"]["alive"]
+    assert auto["kept_share"] < 1.0 and "keeping" in auto["why"] and "auto_steps_below: 1" in auto["why"]
+    assert auto["unpruned_val_accuracy"] > auto["one_shot_val_accuracy"]
+    kept = auto["stepped_val_accuracy"] if auto["kept"] == "stepped" else auto["one_shot_val_accuracy"]
+    assert data["val_accuracy_after_prune"] == pytest.approx(kept, abs=1e-3)  # the better of the two is kept
+    assert "kept above chance" in ctx.ledger[-1].notes["auto_steps"]
+    off = _run_prune_stage(PruneConfig(ratio=0.3, probe=None, auto_steps_below=0.0), trained_resnet, digits8,
+                           tmp_path / "off")
+    assert off.report_data["prune"]["auto_steps"] is None  # alive, and the bar is only "at chance"

@@ -118,9 +118,13 @@ class PruneConfig(StrictModel):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig,
                                      description="training between iterative steps (used when steps > 1)")
     auto_steps: int = Field(
-        3, ge=0, le=100, description="with steps: 1 and a ratio target, when the one-shot cut leaves the student "
-        "at chance (or not finite), prune the unpruned student again in this many steps with recovery between "
-        "them and keep the better of the two (0 or 1: off)")
+        5, ge=0, le=100, description="with steps: 1 and a ratio target, when the one-shot cut leaves the student "
+        "crippled (below auto_steps_below, at chance, or not finite), prune the unpruned student again in this "
+        "many steps with recovery between them and keep the better of the two (0 or 1: off)")
+    auto_steps_below: float = Field(
+        0.5, ge=0.0, le=1.0, description="'crippled': the one-shot student keeps less than this share of the "
+        "unpruned student's val accuracy above chance (0.5: a 98% teacher cut to below 54% on 10 classes; "
+        "0: only a student at chance)")
     round_to: int | None = Field(
         8, ge=1, le=512, description="keep channel counts at multiples of this (vectorised kernels run "
         "full blocks; 5-7 leftover channels are slow); null to disable")

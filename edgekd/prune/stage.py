@@ -69,12 +69,18 @@ def probe_latency(models: dict[str, nn.Module], samples: torch.Tensor, config: P
     return rows
 
 
-def _alive_before(model: nn.Module, ctx: RunContext) -> bool:
-    """Whether the unpruned student is above chance on the val split: a student dead before pruning (an
+def _val_before(model: nn.Module, ctx: RunContext) -> tuple[float, bool]:
+    """The unpruned student's val top-1 (%) and whether it is above chance: a student dead before pruning (an
     untrained student model) is not pruned again in steps, recovery between cuts would not be the cause."""
     val_x, val_y = ctx.data.val_tensors()
     accuracy = top1_accuracy(model.eval(), val_x, val_y)
-    return bool(student_alive(model, val_x[:64], accuracy, ctx.data.num_classes)["alive"])
+    return accuracy, bool(student_alive(model, val_x[:64], accuracy, ctx.data.num_classes)["alive"])
+
+
+def kept_share(after: float, before: float, chance: float) -> float:
+    """The share of the unpruned student's accuracy above chance that the pruned one keeps (percent in, a ratio
+    out; 1.0 when the unpruned student is not above chance, where there was nothing to keep)."""
+    return 1.0 if before <= chance else (after - chance) / (before - chance)
 
 
 @register_stage(PruneConfig)
@@ -177,16 +183,23 @@ class PruneStage(Stage[PruneConfig]):
         unpruned_copy = copy.deepcopy(student) if auto else None
         outcome, recorder, after, changed, recalibrated, accuracy, alive = attempt(cfg, student, "recovery")
         auto_steps: dict[str, Any] | None = None
-        if unpruned_copy is not None and changed and not alive["alive"] and _alive_before(unpruned_copy, ctx):
+        before_val = _val_before(unpruned_copy, ctx) if unpruned_copy is not None and changed else None
+        share = None if before_val is None else kept_share(accuracy, before_val[0], alive["chance_accuracy"])
+        crippled = share is not None and (not alive["alive"] or share < cfg.auto_steps_below)
+        if before_val is not None and before_val[1] and crippled:
             stepped_cfg = cfg.model_copy(update={"steps": cfg.auto_steps})
             retry = attempt(stepped_cfg, unpruned_copy, "auto-steps")
+            state = (f"at chance (chance {alive['chance_accuracy']:.1f}%, forward finite: {alive['finite']})"
+                     if not alive["alive"] else
+                     f"keeping {share:.0%} of the unpruned student's {before_val[0]:.1f}% above chance "
+                     f"(prune.auto_steps_below: {cfg.auto_steps_below:g})")
             auto_steps = {"steps": cfg.auto_steps, "one_shot_val_accuracy": round(accuracy, 3),
+                          "unpruned_val_accuracy": round(before_val[0], 3), "kept_share": round(share, 3),
                           "stepped_val_accuracy": round(retry[5], 3), "kept": "stepped" if retry[5] > accuracy
                           else "one-shot",
-                          "why": f"one-shot pruning left the student at {accuracy:.1f}% val (chance "
-                                 f"{alive['chance_accuracy']:.1f}%, forward finite: {alive['finite']}); pruned again in "
-                                 f"{cfg.auto_steps} steps with {cfg.recovery.epochs} recovery epoch(s) between them "
-                                 "(prune.auto_steps: 0 turns this off)"}
+                          "why": f"one-shot pruning left the student at {accuracy:.1f}% val, {state}; pruned "
+                                 f"again in {cfg.auto_steps} steps with {cfg.recovery.epochs} recovery epoch(s) "
+                                 "between them (prune.auto_steps: 0 turns this off)"}
             if retry[5] > accuracy:
                 outcome, recorder, after, changed, recalibrated, accuracy, alive = retry
                 cfg = stepped_cfg
@@ -243,7 +256,8 @@ class PruneStage(Stage[PruneConfig]):
         if len(recorder.rows) > 1:
             notes["val_by_step"] = recorder.notes()
         if auto_steps is not None:
-            notes["auto_steps"] = (f"one-shot {auto_steps['one_shot_val_accuracy']:.1f}% (dead) -> "
+            notes["auto_steps"] = (f"one-shot {auto_steps['one_shot_val_accuracy']:.1f}% "
+                                   f"({auto_steps['kept_share']:.0%} kept above chance) -> "
                                    f"{auto_steps['steps']} steps {auto_steps['stepped_val_accuracy']:.1f}%, kept "
                                    f"{auto_steps['kept']}")
         if latency:
