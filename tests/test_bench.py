@@ -341,3 +341,22 @@ def test_fp32_peak_is_the_faster_library_and_never_falls_with_more_threads():
     assert floored[("fp32", 2)].gflops == 100.0 and "below 100.0 at 1" in floored[("fp32", 2)].backend
     assert floored[("fp32", 4)].gflops == 300.0 and floored[("fp32", 1)] == peaks[("fp32", 1)]
     assert floored[("int8", 2)].gflops == 50.0  # precisions are never mixed
+
+
+def test_the_onnxruntime_memory_probe_never_imports_torch(digits8, tmp_path):
+    """A device that runs ONNX Runtime holds no torch: the probe's child must not import it either, or every
+    ONNX model's baseline carries torch's ~180 MiB and each probe pays 1.7 s of imports. torch is made
+    unimportable in the child; the probe must still measure."""
+    import json
+    import subprocess
+    import sys
+
+    path = _onnx(_train_mlp(digits8, hidden=16, steps=5), digits8.example_batch(2), tmp_path / "m.onnx")
+    code = ("import sys; sys.modules['torch'] = None; from edgekd.bench.memory import main; "
+            f"main(['onnxruntime', {str(path)!r}, '--batch', '4', '--shape', '1,8,8'])")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert usage["runtime"] == "onnxruntime" and usage["peak_mib"] >= usage["baseline_mib"] > 0

@@ -112,6 +112,7 @@ class _Bench:
         self.models: dict[tuple[str, str], ModelEntry] = {}
         self.timings: list[TimingEntry] = []
         self.peaks: dict[tuple[str, int], GemmPeak] = {}
+        self.memory_todo: list[Candidate] = []
         if config.peak:
             for t in config.threads:
                 self.peaks[("fp32", t)] = fp32_gemm_peak(t)
@@ -135,8 +136,8 @@ class _Bench:
         for threads in self.config.threads:
             self._at_threads(group, threads, score_accuracy=threads == most)
             gc.collect()  # the loaded models are gone: an ExecuTorch pool may now be resized
-        if self.config.memory:
-            self._memory(group)
+        if self.config.memory:  # measured after every group's timing, all in one pool (measure_memory)
+            self.memory_todo += [c for c in group.candidates if self.entry(c).error is None]
 
     def _load(self, group: TimingGroup, threads: int) -> dict[str, LoadedModel]:
         loaded: dict[str, LoadedModel] = {}
@@ -206,10 +207,14 @@ class _Bench:
                 for label in stats), highlight=False)
         self.timings.extend(entries.values())
 
-    def _memory(self, group: TimingGroup) -> None:
+    def measure_memory(self) -> None:
+        """Peak memory of every model timed without error, each in its own child process (``measure_peak_memory``),
+        ``MEMORY_WORKERS`` at a time across all runtimes: a child's RSS is its own, so running them side by side
+        changes no figure, and pooling every runtime's models keeps both cores busy (one runtime's two or three
+        models at a time left one idle in every other round)."""
         threads = self.config.threads[0]
         largest = max(self.config.batch_sizes)
-        todo = [c for c in group.candidates if self.entry(c).error is None]
+        todo, self.memory_todo = self.memory_todo, []
 
         # read here: the pool's threads do not see this thread's context variables
         factories = trusted_now()
@@ -223,6 +228,8 @@ class _Bench:
             except EdgekdError as exc:
                 entry.memory_error = _first_line(exc)
 
+        if not todo:
+            return
         # each measurement is its own child process: threads here only wait on them
         with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1, MEMORY_WORKERS))) as pool:
             list(pool.map(measure, todo))
@@ -257,6 +264,7 @@ def run_benchmark(groups: list[TimingGroup], config: BenchmarkConfig, inputs: Be
                     notes.append(note)
             if runnable:
                 bench.run_group(TimingGroup(group.name, runnable))
+        bench.measure_memory()
     finally:
         torch.set_num_threads(torch_threads)
     settings: dict[str, Any] = config.model_dump(mode="json")

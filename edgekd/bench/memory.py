@@ -76,9 +76,8 @@ def _maxrss_mib() -> float:
 
 def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple[int, ...],
            factories: tuple[str, ...] = ()) -> dict:
+    import contextlib
     import importlib
-
-    from edgekd.models.portable import trusted_factories
 
     import numpy as np
 
@@ -90,7 +89,13 @@ def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple
     rss_kib = _status_kib("VmRSS")
     hwm_reset = rss_kib is not None and _reset_peak()
     baseline = rss_kib / 1024.0 if hwm_reset else _maxrss_mib()
-    with trusted_factories(factories):  # the parent's trust, passed on: a portable .pt may name a user factory
+    trust = contextlib.nullcontext()
+    if factories:  # the parent's trust, passed on: a portable .pt may name a user factory. Imported only then:
+        # edgekd.models imports torch, 1.7 s and its memory in a child that may run ONNX Runtime alone
+        from edgekd.models.portable import trusted_factories
+
+        trust = trusted_factories(factories)
+    with trust:
         model = engine.load(path, threads)
     for _ in range(3):
         model.run(batch)
