@@ -325,6 +325,12 @@ def test_memory_probe_loads_a_checkpoint_of_a_trusted_factory(digits8, tmp_path)
     assert entry.memory.runtime == "torch" and entry.memory.peak_mib >= entry.memory.baseline_mib > 0
     with pytest.raises(StageError, match="dict_net"):  # nothing vouches for the factory here
         measure_peak_memory(path, "torch", batch_size=2, threads=1, sample_shape=(1, 8, 8))
+    # an ONNX file measured under the same trust: no factory reaches its child (only a .pt names one), so it
+    # stays torch-free and its baseline is ONNX Runtime's alone (with torch it read about 17x the model)
+    onnx_path = _onnx(spec.build(10, (1, 8, 8)).eval(), torch.zeros(2, 1, 8, 8), tmp_path / "m.onnx")
+    onnx_usage = measure_peak_memory(onnx_path, "onnxruntime", batch_size=2, threads=1, sample_shape=(1, 8, 8),
+                                     factories=[factory])
+    assert onnx_usage.baseline_mib < entry.memory.baseline_mib  # the torch child holds torch; this one does not
 
 
 def test_fp32_peak_is_the_faster_library_and_never_falls_with_more_threads():

@@ -58,3 +58,15 @@ def test_usage_errors_exit_2_with_the_parser_message_and_no_traceback(argv, says
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert says in proc.stderr and "Traceback" not in proc.stderr and "Usage: " in proc.stderr
+
+
+def test_out_that_cannot_be_a_folder_exits_2_naming_it(tmp_path):
+    """--out naming an existing file (or a path below one) is bad input: exit 2, the path and a fix, no
+    traceback (it was a FileExistsError / NotADirectoryError from mkdir, exit 1)."""
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        proc = subprocess.run([sys.executable, "-m", "edgekd", "compress", "recipes/quickstart.yaml", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "cannot make the run directory" in proc.stderr and "Traceback" not in proc.stderr

@@ -73,6 +73,12 @@ def test_what_ships_has_one_row_per_runtime_with_the_int8_pte_where_it_shipped()
     assert "optimised for ARM" in t.caption
     # an INT8 file shipped for ExecuTorch, the .ort stayed FP32: the caption says why, and how to make one
     assert "the .ort stays FP32" in t.caption and "convert_onnx_models_to_ort student.int8.onnx" in t.caption
+    # a format the quantize stage kept in FP32 carries its reason, with the numbers, where the table is read
+    quant = {"runtime": "onnxruntime", "shipped_precision": "fp32",
+             "reason": "no INT8 candidate meets max_accuracy_drop=0 (best: x, 24.54% vs 98.88%)"}
+    kept = deployed_table(report().model_copy(update={"stage_data": {"quantize": quant}}))
+    assert "onnxruntime: FP32 stayed: no INT8 candidate meets max_accuracy_drop=0 (best: x, 24.54% vs 98.88%)" \
+        in kept.caption
 
 
 def test_rates_are_shares_of_their_own_precisions_peak_and_percentiles_need_enough_calls():

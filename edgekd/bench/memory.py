@@ -85,16 +85,16 @@ def _child(runtime: str, path: Path, batch_size: int, threads: int, shape: tuple
     # (an ONNX Runtime process on a device holds no torch, so its baseline should not either).
     engine = RUNTIMES[runtime].create()
     importlib.import_module(RUNTIME_LIBRARIES[runtime])
+    trust = contextlib.nullcontext()
+    if factories:  # the parent's trust, passed on: a portable .pt may name a user factory. Imported only then
+        # (edgekd.models imports torch), and before the baseline is read, so its memory is not the model's
+        from edgekd.models.portable import trusted_factories
+
+        trust = trusted_factories(factories)
     batch = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
     rss_kib = _status_kib("VmRSS")
     hwm_reset = rss_kib is not None and _reset_peak()
     baseline = rss_kib / 1024.0 if hwm_reset else _maxrss_mib()
-    trust = contextlib.nullcontext()
-    if factories:  # the parent's trust, passed on: a portable .pt may name a user factory. Imported only then:
-        # edgekd.models imports torch, 1.7 s and its memory in a child that may run ONNX Runtime alone
-        from edgekd.models.portable import trusted_factories
-
-        trust = trusted_factories(factories)
     with trust:
         model = engine.load(path, threads)
     for _ in range(3):
@@ -127,8 +127,10 @@ def measure_peak_memory(path: Path, runtime: str, *, batch_size: int, threads: i
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in parts if p))}
     cmd = [sys.executable, "-m", "edgekd.bench.memory", runtime, str(path), "--batch", str(batch_size),
            "--threads", str(threads), "--shape", ",".join(str(s) for s in sample_shape)]
-    for factory in sorted(trusted_now() if factories is None else factories):
-        cmd += ["--factory", factory]
+    # only a portable .pt names a factory; other files never rebuild a model, so their child stays torch-free
+    if Path(path).suffix == ".pt":
+        for factory in sorted(trusted_now() if factories is None else factories):
+            cmd += ["--factory", factory]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired as exc:

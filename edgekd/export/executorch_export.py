@@ -128,6 +128,8 @@ def delegation_facts(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
     }
     if share is not None and share < MIN_DELEGATED_SHARE:
         outside = ", ".join(f"{op} x{n}" for op, n in kept.most_common(6))
+        if len(kept) > 6:  # the counts shown must add up to the total said, or say what is left out
+            outside += f" and {len(kept) - 6} more kind(s), {sum(kept.values()) - sum(n for _, n in kept.most_common(6))} node(s)"
         facts["warnings"].append(
             f"only {100 * share:.0f}% of the .pte's compute operators run in XNNPACK ({sum(kept.values())} of "
             f"{total} stay on ExecuTorch's portable CPU kernels: {outside}); expect it to run much slower than "

@@ -107,7 +107,11 @@ class RunDir:
         """
         import fcntl
 
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, a path below a file, a read-only or virtual file system
+            raise ConfigError(f"cannot make the run directory {self.path}: {exc.strerror or exc}",
+                              hint="give --out a folder path that can be created (not an existing file)") from exc
         lock = self.path / "run.lock"
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

@@ -118,6 +118,7 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
     input_name = fp32.graph.input[0].name
     producer = {out: node for node in fp32.graph.node for out in node.output}
     initializers = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer if i.data_type == 1}
+    constants = {i.name for i in fp32.graph.initializer}
     workdir.mkdir(parents=True, exist_ok=True)
     fp32_aug, qdq_aug = workdir / "fp32.debug.onnx", workdir / "int8.debug.onnx"
     modify_model_output_intermediate_tensors(str(fp32_path), str(fp32_aug))
@@ -145,10 +146,24 @@ def layer_errors(fp32_path: Path, qdq_path: Path, x: np.ndarray, workdir: Path, 
         rows[tensor] = {"tensor": tensor, "node": node.name if node is not None else "(graph input)",
                         "op_type": node.op_type if node is not None else "input",
                         "xmodel_sqnr_db": _finite(accumulated), "qdq_sqnr_db": _finite(own)}
+    def measured_inputs(node: onnx.NodeProto | None) -> list[float]:
+        """The accumulated SQNR of the nearest measured tensors upstream of ``node``'s inputs: an input with no
+        row (a Conv output whose Relu the quantizer folded, a residual Add) is walked back through its
+        producer, so the drop is charged to the node where it shows."""
+        found, seen, todo = [], set(), list(node.input) if node is not None else []
+        while todo:
+            name = todo.pop()
+            if name in seen or name in constants:
+                continue
+            seen.add(name)
+            if name in rows and rows[name]["xmodel_sqnr_db"] is not None:
+                found.append(rows[name]["xmodel_sqnr_db"])
+            elif name in producer:
+                todo += list(producer[name].input)
+        return found
+
     for tensor, row in rows.items():
-        node = producer.get(tensor)
-        inputs = [rows[i]["xmodel_sqnr_db"] for i in (node.input if node is not None else [])
-                  if i in rows and rows[i]["xmodel_sqnr_db"] is not None]
+        inputs = measured_inputs(producer.get(tensor))
         row["sqnr_drop_db"] = (round(min(inputs) - row["xmodel_sqnr_db"], 2)
                                if inputs and row["xmodel_sqnr_db"] is not None else None)
     ordered = sorted(rows.values(), key=lambda r: order.get(r["tensor"], -1))

@@ -144,13 +144,16 @@ def quantize_fallback_table(quant: Any, key: str | None = None) -> Table | None:
     sens = quant.get("sensitivity") if isinstance(quant, dict) else None
     if not isinstance(sens, dict) or not sens.get("trail"):
         return None
-    ranking = ", ".join(f"{r.get('node')} ({fmt_num(r.get('mse_reduction_alone'), '.4f')})"
-                        for r in (sens.get("ranking") or [])[:8])
+    ranked = sens.get("ranking") or []
+    ranking = ", ".join(f"{r.get('node')} ({fmt_num(r.get('mse_reduction_alone'), '.4f')})" for r in ranked[:8])
+    if len(ranked) > 8:
+        ranking += f" (first 8 of {len(ranked)})"
     t = Table(_titled(f"INT8 accuracy fallback: layers kept in float ({quant.get('format', '?')})", key),
               ["float nodes", "added", "logits MSE vs FP32", "val top-1", "drop"],
               caption=f"repairing {sens.get('target', '?')}; {'met' if sens.get('met') else 'did not meet'} the "
-                      f"tolerance; best: {sens.get('best', '—')}. Ranking (logits-MSE cut when kept in float "
-                      f"alone): {ranking or '—'}. Nodes are the ONNX graph's")
+                      f"tolerance; best: {sens.get('best') or 'none'}. Ranking (logits-MSE cut when kept in float "
+                      f"alone; '—': not measurable): {ranking or '—'}. Nodes are the ONNX graph's; only nodes with weights (Conv, "
+                      f"Gemm, MatMul) are tried")
     for step in sens["trail"]:
         t.rows.append([str(step.get("float_nodes")), str(step.get("added")), fmt_num(step.get("logits_mse"), ".4f"),
                        _pct(step.get("accuracy")),

@@ -108,9 +108,16 @@ def deployed_table(report: Report) -> Table:
                 fmt_num(teacher.accuracy.top1_pct if teacher and teacher.accuracy else None, ".2f", "%")]
         t.rows.append(row)
     notes = runtime_notes(report, bench.runtimes())
+    quantized = bool(report.stage_entries("quantize")) or any(
+        bench.model(o, "student-int8") is not None for o in bench.runtimes())
     fp32_only = [r for r in bench.runtimes() if r in FP32_ONLY_FORMATS and bench.model(r, "student") is not None
-                 and any(bench.model(o, "student-int8") is not None for o in bench.runtimes())]
+                 and quantized]
     notes += [f"{r}: {FP32_ONLY_FORMATS[r]}" for r in fp32_only]
+    # where the quantize stage kept FP32 for a runtime's format, its reason with the numbers
+    for _, data in report.stage_entries("quantize"):
+        for outcome in [data, *(data.get("also") or [])] if isinstance(data, dict) else []:
+            if isinstance(outcome, dict) and outcome.get("shipped_precision") == "fp32" and outcome.get("reason"):
+                notes.append(f"{outcome.get('runtime')}: FP32 stayed: {outcome['reason']}")
     if notes:
         t.caption += "; " + "; ".join(notes)
     return t
