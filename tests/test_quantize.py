@@ -277,6 +277,9 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_node_in_float(mlp8, digits8
     data = outcome.to_json(tmp_path)
     table = quantize_fallback_table(data)
     assert table is not None and [row[1] for row in table.rows] == repaired.excluded_nodes
+    # each step says whether ONNX Runtime, optimising the graph as the deployed session does, fused any node
+    # kept in float back into an integer kernel (a QDQ graph's float Gemm has float weights: it stays float)
+    assert all(step["fused_at_load"] == [] for step in sens.trail) and table.headers[-1] == "fused back on load"
     assert fc1 in table.caption and "met the tolerance" in table.caption
     candidates = quantize_candidates_table(data)
     iters = candidates.headers.index("iters")

@@ -24,6 +24,7 @@ import numpy as np
 
 from edgekd.errors import StageError
 from edgekd.quantize.candidates import Bench, Candidate, measure_accuracy, runtime_logits
+from edgekd.quantize.graph import fused_at_load
 
 #: (nodes kept in float, output path) -> path of the quantized model
 Requantize = Callable[[list[str], Path], Path]
@@ -101,8 +102,11 @@ def keep_sensitive_in_float(target: Candidate, nodes: list[str], requantize: Req
                             settings=dict(target.settings), excluded_nodes=list(excluded))
         measure_accuracy(bench, variant)
         drop = variant.drop_from(fp32)
+        # the file keeps these nodes in float; ONNX Runtime may fuse some back into integer kernels on load
+        refused = fused_at_load(variant.path, variant.excluded_nodes) if bench.runtime == "onnxruntime" else []
         result.trail.append({"float_nodes": k, "added": pick, "logits_mse": err, "accuracy": variant.accuracy,
-                             "accuracy_drop": None if drop is None else round(drop, 4), "error": variant.error})
+                             "accuracy_drop": None if drop is None else round(drop, 4), "error": variant.error,
+                             "fused_at_load": refused})
         if variant.accuracy is not None and (best.accuracy is None or variant.accuracy > best.accuracy):
             best = variant
         if drop is not None and drop <= max_drop + 1e-9:

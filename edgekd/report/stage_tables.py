@@ -149,7 +149,7 @@ def quantize_fallback_table(quant: Any, key: str | None = None) -> Table | None:
     if len(ranked) > 8:
         ranking += f" (first 8 of {len(ranked)})"
     t = Table(_titled(f"INT8 accuracy fallback: layers kept in float ({quant.get('format', '?')})", key),
-              ["float nodes", "added", "logits MSE vs FP32", "val top-1", "drop"],
+              ["float nodes", "added", "logits MSE vs FP32", "val top-1", "drop", "fused back on load"],
               caption=f"repairing {sens.get('target', '?')}; {'met' if sens.get('met') else 'did not meet'} the "
                       f"tolerance; best: {sens.get('best') or 'none'}. Ranking (logits-MSE cut when kept in float "
                       f"alone; '—': not measurable): {ranking or '—'}. Nodes are the ONNX graph's; only nodes with weights (Conv, "
@@ -157,7 +157,11 @@ def quantize_fallback_table(quant: Any, key: str | None = None) -> Table | None:
     for step in sens["trail"]:
         t.rows.append([str(step.get("float_nodes")), str(step.get("added")), fmt_num(step.get("logits_mse"), ".4f"),
                        _pct(step.get("accuracy")),
-                       f"failed: {step['error']}" if step.get("error") else fmt_num(step.get("accuracy_drop"), ".2f")])
+                       f"failed: {step['error']}" if step.get("error") else fmt_num(step.get("accuracy_drop"), ".2f"),
+                       ", ".join(step.get("fused_at_load") or []) or "—"])
+    if any(step.get("fused_at_load") for step in sens["trail"]):
+        t.caption += ("; ONNX Runtime fused some nodes kept in float back into integer kernels when it loaded the "
+                      "file (last column): those do not run in float, whatever the file says")
     return t
 
 
