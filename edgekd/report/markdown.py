@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgekd.report.schema import Report
-from edgekd.report.tables import Table, all_tables, machine_rows
+from edgekd.report.tables import Table, all_tables, machine_rows, quantize_outcomes
 
 
 def _cell(text: str) -> str:
@@ -69,11 +69,7 @@ def slower_int8_lines(report: Report) -> list[str]:
     """A line per runtime where the shipped INT8 student timed slower than its FP32 twin at some batch size in
     the benchmark: the quantize stage decides at one batch size (``quantize.speed.batch_size``), and a model
     deployed at another should not learn the difference from its users."""
-    decided = {}
-    for _, data in report.stage_entries("quantize"):
-        for outcome in [data, *(data.get("also") or [])] if isinstance(data, dict) else []:
-            if isinstance(outcome, dict) and outcome.get("runtime"):
-                decided[outcome["runtime"]] = outcome.get("batch_size")
+    decided = {o["runtime"]: o.get("batch_size") for o in quantize_outcomes(report)}
     by_setting = {(c.runtime, c.threads, c.batch_size, c.model): c for c in report.comparisons}
     slower: dict[str, list[str]] = {}
     for (runtime, threads, batch, model), int8 in by_setting.items():

@@ -62,6 +62,16 @@ FP32_ONLY_FORMATS = {
 }
 
 
+def quantize_outcomes(report: Report) -> list[dict]:
+    """Every quantize search of the run, one per file format (each stage's ``method`` and its ``also``
+    entries), as report.json holds them: ``{runtime, format, batch_size, shipped_precision, reason, ...}``."""
+    outcomes = []
+    for _, data in report.stage_entries("quantize"):
+        if isinstance(data, dict):
+            outcomes += [o for o in [data, *(data.get("also") or [])] if isinstance(o, dict) and o.get("runtime")]
+    return outcomes
+
+
 def runtime_notes(report: Report, runtimes: list[str]) -> list[str]:
     """What a reader must know about a runtime's rows on this machine (.ort files timed on x86)."""
     return [f"{r}: {ARM_OPTIMISED[r]}" for r in dict.fromkeys(runtimes) if r in ARM_OPTIMISED and _x86(report)]
@@ -114,10 +124,8 @@ def deployed_table(report: Report) -> Table:
                  and quantized]
     notes += [f"{r}: {FP32_ONLY_FORMATS[r]}" for r in fp32_only]
     # where the quantize stage kept FP32 for a runtime's format, its reason with the numbers
-    for _, data in report.stage_entries("quantize"):
-        for outcome in [data, *(data.get("also") or [])] if isinstance(data, dict) else []:
-            if isinstance(outcome, dict) and outcome.get("shipped_precision") == "fp32" and outcome.get("reason"):
-                notes.append(f"{outcome.get('runtime')}: FP32 stayed: {outcome['reason']}")
+    notes += [f"{o.get('runtime')}: FP32 stayed: {o['reason']}" for o in quantize_outcomes(report)
+              if o.get("shipped_precision") == "fp32" and o.get("reason")]
     if notes:
         t.caption += "; " + "; ".join(notes)
     return t
