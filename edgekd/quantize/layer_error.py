@@ -88,8 +88,11 @@ def _fused_activation(node: onnx.NodeProto | None, initializers: dict[str, np.nd
     if node.op_type == "Relu":
         return lambda a: np.maximum(a, 0.0)
     if node.op_type == "Clip":
-        bounds = [initializers.get(name) if name else None for name in list(node.input[1:3]) + [None] * 2][:2]
-        low, high = (None if b is None else float(np.asarray(b).reshape(-1)[0]) for b in bounds)
+        def bound(index: int) -> float | None:  # Clip's optional min (input 1) and max (input 2), if constant
+            value = initializers.get(node.input[index]) if len(node.input) > index else None
+            return None if value is None else float(np.asarray(value).reshape(-1)[0])
+
+        low, high = bound(1), bound(2)
         attrs = {a.name: a.f for a in node.attribute}  # opset < 11 keeps the bounds as attributes
         low, high = attrs.get("min", low), attrs.get("max", high)
         return lambda a: np.clip(a, low, high)
