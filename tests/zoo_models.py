@@ -440,11 +440,18 @@ def timm_vit(num_classes: int = 10, input_shape: Shape = DIGITS16) -> nn.Module:
 # One small model of each user kind (issue 13 items 1 and 2)
 # ============================================================================================
 class _Pooled(nn.Module):
-    """stem -> body -> global average pool -> Linear; the body is the kind under test."""
+    """stem -> body -> global average pool -> Linear; the body is the kind under test.
+
+    The stem downsamples (3x3 to ``width // 2``, then 3x3 stride 2 to ``width``), as real networks' stems
+    do. With one full-resolution 3x3 stem the body saw at most 7 of the 16 pixels before the global pool,
+    and 6 teacher epochs left these models at 46-89% val (GroupNorm 46%, split 64%, channel shuffle 62%,
+    squeeze-excitation 75%): teachers too weak for a 2-point gate to mean anything. With this stem the
+    same training reads 89-98.5% (measured on digits 16x16, SGD lr 0.05, seed 0), in half the time.
+    """
 
     def __init__(self, num_classes: int, in_channels: int, width: int, body: nn.Module, out: int) -> None:
         super().__init__()
-        self.stem = _conv_bn(in_channels, width)
+        self.stem = nn.Sequential(_conv_bn(in_channels, width // 2), _conv_bn(width // 2, width, stride=2))
         self.body = body
         self.fc = nn.Linear(out, num_classes)
 
@@ -675,9 +682,13 @@ def train_mode_tuple(num_classes: int = 10, input_shape: Shape = DIGITS16, width
 
 
 class DictNet(nn.Module):
+    """Three 3x3 convs (16 -> 8 -> 4 pixels) and a Linear (two full-resolution convs read 63-71% val after
+    6 teacher epochs on digits 16x16; this reads 96%)."""
+
     def __init__(self, num_classes: int, in_channels: int, width: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(_conv_bn(in_channels, width), _conv_bn(width, 2 * width, stride=2))
+        self.features = nn.Sequential(_conv_bn(in_channels, width, stride=2), _conv_bn(width, 2 * width, stride=2),
+                                      _conv_bn(2 * width, 2 * width))
         self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
