@@ -299,7 +299,10 @@ def test_high_train_accuracy_with_val_at_chance_recalibrates_batchnorm_or_stops(
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.constant_(m.bias, 200.0)  # features far from 0: the initial running mean is far off
-    result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=2), tmp_path, device=CPU)
+    # precise_bn off: by default a momentum this slow has its statistics re-estimated before every validation
+    # (test_batchnorm_with_a_slow_momentum_...); the guard is what catches it when that is turned off
+    result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=2, precise_bn=False), tmp_path,
+                 device=CPU)
     recal = [e for e in result.guard_events if e["action"] == "bn_recalibration"]
     assert recal and recal[0]["val_before"] < 20.0 and recal[0]["val_after"] > 80.0
     assert result.best_val_accuracy > 80.0
@@ -513,3 +516,18 @@ def test_batchnorm_that_keeps_only_the_last_batch_is_validated_with_precise_stat
     assert errors[None] < errors[False] / 3  # statistics of 16 x 53 samples, not of the last 3
     usual = fit(net(0.1), CrossEntropyObjective(), digits8, TrainConfig(epochs=1), tmp_path / "usual", device=CPU)
     assert "precise_bn_batches" not in usual.history[0]  # an ordinary momentum is left alone by default
+
+
+def test_batchnorm_with_a_slow_momentum_is_validated_with_precise_statistics(digits8, tmp_path):
+    # momentum 0.01 (torchvision's MobileNetV3 / EfficientNet) or None (a cumulative average): after one short
+    # epoch the running statistics still lean on their initial values (mean 0, var 1), not on the trained conv
+    for momentum in (0.01, None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=momentum), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(16 * 64, 10))
+        result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=1), tmp_path / str(momentum),
+                     device=CPU)
+        assert result.history[0].get("precise_bn_batches") == 16
+        with torch.no_grad():
+            exact = model[0](digits8.train_x).mean(dim=(0, 2, 3))
+        assert float((model[1].running_mean - exact).abs().max()) < 0.05 * float(exact.abs().max())

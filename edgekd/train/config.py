@@ -84,7 +84,8 @@ class TrainConfig(StrictModel):
         None, description="re-estimate BatchNorm running statistics from training batches before each validation "
                           "(Wu & Johnson 2021, 'precise BN'); null: only when some BatchNorm's momentum is >= "
                           "0.5 (TensorFlow's decay read as PyTorch's momentum, as in Hugging Face MobileNetV1/V2: "
-                          "its running statistics are the last batch's)")
+                          "its running statistics are the last batch's) or <= 0.02 or None (torchvision's "
+                          "MobileNetV3/EfficientNet use 0.01: the statistics trail the weights of a short run)")
 
     def concrete(self, from_weights: bool, data_batch: int | None = None) -> TrainConfig:
         """This config with every default that depends on the start filled in: ``from_weights`` is True
