@@ -531,3 +531,32 @@ def test_a_pte_of_packed_head_attention_runs_every_batch_size(digits8, tmp_path,
     split = get_runtime("executorch").load(tmp_path / "split.pte", threads=1)
     with pytest.raises(StageError, match="cannot run batch 3 .*accepts batches of at most 2"):
         check_batch_sizes(model, split, x, [1, 3], atol=1e-4, rtol=1e-3, label="split.pte", declared_max_batch=256)
+
+
+def test_global_max_pool_lowers_to_a_pte_that_runs_at_every_batch(tmp_path):
+    """``F.adaptive_max_pool2d(x, 1)`` (a global max pool, as two-branch heads use) is not a Core ATen operator:
+    the edge dialect refused it with ``SpecViolationError`` and the run shipped no .pte. It is exported as the
+    ``max_pool2d`` it equals (kernel = stride = the input's H x W)."""
+    from edgekd.export.executorch_export import export_pte
+
+    class MaxPooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.conv(x))
+            pooled = torch.cat([F.adaptive_max_pool2d(y, 1).flatten(1), F.adaptive_max_pool2d(y, (2, 2)).amax((2, 3))], 1)
+            return self.fc(pooled)
+
+    torch.manual_seed(0)
+    model = MaxPooled().eval()
+    facts = export_pte(model, torch.randn(4, 1, 8, 8), tmp_path / "m.pte")
+    assert "aten_adaptive_max_pool2d_default" not in facts["non_delegated_ops"]
+    loaded = get_runtime("executorch").load(tmp_path / "m.pte", threads=1)
+    for batch in (1, 3, 32):
+        x = torch.randn(batch, 1, 8, 8)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(loaded.run(x.numpy()), expected, atol=1e-5)

@@ -23,6 +23,9 @@ convolutions outside XNNPACK ran about 60x slower than ONNX Runtime).
   Those splits (``torch.split``, ``.chunk``, their ``unsafe_`` forms) are rewritten as slices
   before lowering (``_SPLITS_AS_SLICES``), which resize with the batch; the values are the same
   (the slices are the split's sections).
+- ``F.adaptive_max_pool2d`` is not in the Core ATen opset (the edge dialect raises
+  ``SpecViolationError``); where the input's size is a multiple of the output's (a global max pool) it
+  is the ``max_pool2d`` with kernel = stride = the window, and is rewritten so before lowering.
 """
 
 from __future__ import annotations
@@ -70,13 +73,29 @@ def _chunk_as_slices(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.T
     return _split_as_slices(x, -(-x.shape[dim] // chunks), dim)
 
 
-#: a decomposition table for ``ExportedProgram.run_decompositions``: only the splits, everything else kept
+def _adaptive_max_pool2d_as_max_pool2d(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.adaptive_max_pool2d(x, (oh, ow))`` where the input's H and W are multiples of ``oh`` and ``ow``
+    (a global max pool, ``output_size`` 1, is the common case): exactly a ``max_pool2d`` with kernel =
+    stride = (H / oh, W / ow). ``aten.adaptive_max_pool2d`` is not in the Core ATen opset, so ExecuTorch's
+    edge dialect refuses it (``SpecViolationError``); ``max_pool2d_with_indices`` is, and XNNPACK runs it.
+    Other sizes (uneven windows) are left to fail with that error."""
+    height, width = x.shape[-2], x.shape[-1]
+    out_h, out_w = (output_size[0], output_size[-1])
+    if height % out_h or width % out_w:
+        return NotImplemented
+    kernel = [height // out_h, width // out_w]
+    return torch.ops.aten.max_pool2d_with_indices.default(x, kernel, kernel)
+
+
+#: a decomposition table for ``ExportedProgram.run_decompositions``: only these operators, everything else
+#: kept. The splits resize with the batch as slices; the adaptive max pool becomes a Core ATen operator.
 _SPLITS_AS_SLICES = {torch.ops.aten.split_with_sizes.default: _split_with_sizes_as_slices,
                      torch.ops.aten.split.Tensor: _split_as_slices,
                      torch.ops.aten.unsafe_split_with_sizes.default: _split_with_sizes_as_slices,
                      torch.ops.aten.unsafe_split.Tensor: _split_as_slices,
                      torch.ops.aten.chunk.default: _chunk_as_slices,
-                     torch.ops.aten.unsafe_chunk.default: _chunk_as_slices}
+                     torch.ops.aten.unsafe_chunk.default: _chunk_as_slices,
+                     torch.ops.aten.adaptive_max_pool2d.default: _adaptive_max_pool2d_as_max_pool2d}
 
 
 @contextlib.contextmanager
