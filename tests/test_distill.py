@@ -268,6 +268,36 @@ def test_recovery_defaults_depend_on_where_the_student_starts():
     assert DistillConfig(batch_size=128).concrete(True, data_batch=64).batch_size == 128
     assert DistillConfig().concrete(False, data_batch=64).batch_size is None
     assert FinetuneConfig().concrete(True, data_batch=64).batch_size == RECOVERY_MAX_BATCH
+    # a student that kept less than 90% of the teacher's accuracy above chance is retrained (lr rewinding), not
+    # fine-tuned; a recipe's lr still wins, and a student from random weights keeps the from-scratch lr
+    assert DistillConfig().concrete(True, 64, start_share=0.53).lr == 0.03
+    assert FinetuneConfig().concrete(True, 64, start_share=0.53).lr == 0.03
+    assert DistillConfig().concrete(True, 64, start_share=0.95).lr == 0.01
+    assert DistillConfig(lr=0.01).concrete(True, 64, start_share=0.2).lr == 0.01
+    assert DistillConfig().concrete(False, 64, start_share=0.2).lr == 0.05
+
+
+def test_distill_stage_picks_the_retraining_lr_for_a_damaged_student(teacher_and_pruned, digits8, tmp_path):
+    """The stage measures how much of the teacher's val top-1 the student keeps and records it with the lr."""
+    from edgekd.distill.stage import start_share
+    from edgekd.pipeline.rundir import RunDir
+    from edgekd.recipe.schema import Recipe
+    from edgekd.stage.context import RunContext
+    from edgekd.train.guard import chance, kept_share
+
+    recipe = Recipe.model_validate({"name": "d", "data": {"dataset": "digits", "image_size": 8},
+                                    "teacher": {"model": "resnet20", "train": {"epochs": 1}}})
+    teacher, pruned = teacher_and_pruned
+    # the teacher's copy keeps everything; the fixture's pruned student (before any recovery) is near chance
+    for student, crippled in ((copy.deepcopy(teacher), False), (copy.deepcopy(pruned), True)):
+        ctx = RunContext(recipe=recipe, run_dir=RunDir(tmp_path / str(crippled)), data=digits8,
+                         device=torch.device("cpu"), teacher=teacher, student=student)
+        share = start_share(ctx)
+        expected = kept_share(top1_accuracy(student, digits8.val_x, digits8.val_y),
+                              top1_accuracy(teacher, digits8.val_x, digits8.val_y), chance(10))
+        assert share == pytest.approx(expected)
+        assert (share < 0.9) == crippled
+        assert DistillConfig().concrete(True, 64, share).lr == (0.03 if crippled else 0.01)
 
 
 def test_logit_standardization_ignores_the_teachers_logit_scale(teacher_and_pruned, digits8):
@@ -289,6 +319,7 @@ def test_guard_keeps_a_recovering_student_above_where_it_started(digits8, tmp_pa
     """A lightly pruned student at ~90% and an lr that wrecks it (1.0, no warm-up): without the guard its
     first epoch falls far below its start; with it, every kept epoch ends at or near the start and above."""
     from edgekd.models.batchnorm import recalibrate_batchnorm
+    from edgekd.train.guard import val_noise
 
     torch.manual_seed(0)
     teacher = build_model("resnet20", num_classes=10, input_shape=digits8.input_shape)
@@ -306,7 +337,10 @@ def test_guard_keeps_a_recovering_student_above_where_it_started(digits8, tmp_pa
     on = fit(copy.deepcopy(student), DistillObjective(teacher, [KDTerm(kind="kd")]), digits8, DistillConfig(**harsh),
              tmp_path / "on", device=CPU)
     assert on.rollbacks >= 1 and on.start_val_accuracy == pytest.approx(start)
-    assert all(row["val_accuracy"] >= start - 2.0 for row in on.history)
+    # the guard's contract: no kept epoch more than max(2 points, two standard errors of the start's val reading)
+    # below the start (269 val samples at ~88%: 3.9 points; seen on an AMD EPYC: epoch 1 at 85.9 from 88.5)
+    allowed = max(2.0, val_noise(start, len(digits8.val_y)))
+    assert all(row["val_accuracy"] >= start - allowed for row in on.history)
     assert on.best_val_accuracy > off.best_val_accuracy
 
 

@@ -484,7 +484,7 @@ def test_a_one_shot_cut_that_cripples_an_alive_student_is_redone_in_steps(traine
     student's accuracy above chance is pruned again in steps (HF MobileNetV2 at 50%: 25% val against an 87%
     teacher, 19% kept, which 4 distillation epochs could not recover). Here the bar is set above what a 30% cut
     keeps, so the retry must happen although the student is alive; with the bar at 0 it must not."""
-    from edgekd.prune.stage import kept_share
+    from edgekd.train.guard import kept_share
 
     assert kept_share(25.0, 87.0, 10.0) == pytest.approx(15 / 77) and kept_share(50.0, 9.0, 10.0) == 1.0
     ctx = _run_prune_stage(PruneConfig(ratio=0.3, probe=None, auto_steps=2, auto_steps_below=1.0), trained_resnet,

@@ -18,11 +18,12 @@ from edgekd.distill.hooks import probe, resolve_layer
 from edgekd.distill.losses import KDSettings, term_layers
 from edgekd.distill.objective import DistillObjective, term_losses
 from edgekd.errors import RecipeError, StageError
+from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
 from edgekd.stage.base import Stage, register_stage
 from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 from edgekd.train.config import TrainConfig
-from edgekd.train.guard import at_chance
+from edgekd.train.guard import at_chance, chance, kept_share
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 from edgekd.train.trainer import FitResult, fit
 
@@ -113,8 +114,8 @@ def _pct_or_unknown(value: float | None) -> str:
 
 
 def record_training(ctx: RunContext, stage: str, result: FitResult, objective: Objective,
-                    config: TrainConfig) -> None:
-    """The ledger row and the report data of a training stage."""
+                    config: TrainConfig, share: float | None = None) -> None:
+    """The ledger row and the report data of a training stage (``share``: ``start_share``, which set the lr)."""
     example = ctx.data.example_batch(1).to(ctx.device)
     params, macs = count_params_macs(ctx.student, example)
     cache = getattr(objective, "cache_info", None)
@@ -132,7 +133,8 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
         "val_at_start": result.start_val_accuracy,
         "guard_events": result.guard_events,
         "settings": {"lr": config.lr, "warmup_epochs": config.warmup_epochs, "grad_clip": config.grad_clip,
-                     "batch_size": config.batch_size or ctx.data.batch_size, "from_weights": ctx.student_from_weights},
+                     "batch_size": config.batch_size or ctx.data.batch_size, "from_weights": ctx.student_from_weights,
+                     "start_share_of_teacher": None if share is None else round(share, 3)},
     }
     if cache is not None and cache.get("enabled"):
         # one cached pass replaced a teacher forward pass in every epoch after the first
@@ -145,6 +147,18 @@ def record_training(ctx: RunContext, stage: str, result: FitResult, objective: O
     ctx.stage_outputs.extend(p for p in (result.checkpoint, result.checkpoint.parent / "metrics.csv") if p.is_file())
 
 
+def start_share(ctx: RunContext) -> float | None:
+    """The share of the teacher's val top-1 above chance that the student keeps as its recovery starts
+    (``kept_share``); None when the student does not start from trained weights. Picks the recovery lr
+    (``_Recovery.concrete``); a resumed run reads the same student, so it takes the same lr."""
+    if not ctx.student_from_weights:
+        return None
+    val_x, val_y = ctx.data.val_tensors()
+    student = top1_accuracy(ctx.student, val_x, val_y, device=ctx.device)
+    teacher = top1_accuracy(ctx.teacher, val_x, val_y, device=ctx.device)
+    return kept_share(student, teacher, chance(ctx.data.num_classes))
+
+
 @register_stage(DistillConfig)
 class DistillStage(Stage[DistillConfig]):
     name = "distill"
@@ -154,14 +168,15 @@ class DistillStage(Stage[DistillConfig]):
         check_distill_layers(self.config, ctx.teacher, ctx.student, ctx.example_batch)
 
     def run(self, ctx: RunContext) -> None:
-        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size)
+        share = start_share(ctx)
+        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size, share)
         objective = DistillObjective.from_config(ctx.teacher, config)
         data = training_data(ctx, config)
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights,
                      console=ctx.console)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
-        record_training(ctx, self.name, result, objective, config)
+        record_training(ctx, self.name, result, objective, config, share)
 
 
 @register_stage(FinetuneConfig)
@@ -171,10 +186,11 @@ class FinetuneStage(Stage[FinetuneConfig]):
 
     def run(self, ctx: RunContext) -> None:
         objective = CrossEntropyObjective(label_smoothing=self.config.label_smoothing)
-        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size)
+        share = start_share(ctx)
+        config = self.config.concrete(ctx.student_from_weights, ctx.data.batch_size, share)
         data = labeled_only(training_data(ctx, config))  # hard labels only: unlabeled inputs teach nothing here
         result = fit(ctx.student, objective, data, config, ctx.stage_dir(self.name), device=ctx.device,
                      resume=ctx.resume, label=self.name, seed=ctx.recipe.seed, from_weights=ctx.student_from_weights,
                      console=ctx.console)
         check_alive(result, self.name, ctx.data.num_classes, config.guard)
-        record_training(ctx, self.name, result, objective, config)
+        record_training(ctx, self.name, result, objective, config, share)

@@ -34,6 +34,7 @@ from edgekd.prune.targets import PruneEnv, ReductionObjective, prune_at_ratio, r
 from edgekd.runtimes.registry import get_runtime
 from edgekd.stage.base import Stage, register_stage
 from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
+from edgekd.train.guard import kept_share
 
 #: real training samples used to trace the graph and to build timing batches
 SAMPLES = 64
@@ -75,12 +76,6 @@ def _val_before(model: nn.Module, ctx: RunContext) -> tuple[float, bool]:
     val_x, val_y = ctx.data.val_tensors()
     accuracy = top1_accuracy(model.eval(), val_x, val_y)
     return accuracy, bool(student_alive(model, val_x[:64], accuracy, ctx.data.num_classes)["alive"])
-
-
-def kept_share(after: float, before: float, chance: float) -> float:
-    """The share of the unpruned student's accuracy above chance that the pruned one keeps (percent in, a ratio
-    out; 1.0 when the unpruned student is not above chance, where there was nothing to keep)."""
-    return 1.0 if before <= chance else (after - chance) / (before - chance)
 
 
 @register_stage(PruneConfig)

@@ -64,6 +64,13 @@ def at_chance(accuracy: float, num_classes: int, margin: float) -> bool:
     return accuracy <= c + margin * (100.0 - c)
 
 
+def kept_share(after: float, before: float, chance: float) -> float:
+    """The share of a reference model's accuracy above chance that another keeps (percent in, a ratio out: the
+    pruned student against the unpruned one or the teacher; 1.0 when the reference is not above chance, where
+    there was nothing to keep)."""
+    return 1.0 if before <= chance else (after - chance) / (before - chance)
+
+
 def learned(accuracy: float, num_classes: int) -> bool:
     """``accuracy`` is at least half-way from chance to 100%: 'training accuracy is high'."""
     c = chance(num_classes)
