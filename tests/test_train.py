@@ -3,6 +3,7 @@ schedules, early stopping, devices, and 2-process DDP against one process."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import socket
@@ -531,3 +532,19 @@ def test_batchnorm_with_a_slow_momentum_is_validated_with_precise_statistics(dig
         with torch.no_grad():
             exact = model[0](digits8.train_x).mean(dim=(0, 2, 3))
         assert float((model[1].running_mean - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def test_channels_last_training_learns_and_hands_the_model_on_in_the_usual_layout(digits8, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
+    plain = copy.deepcopy(model)
+    result = fit(model, CrossEntropyObjective(), digits8, TrainConfig(epochs=2, channels_last=True), tmp_path, device=CPU)
+    usual = fit(plain, CrossEntropyObjective(), digits8, TrainConfig(epochs=2), tmp_path / "plain", device=CPU)
+    # the same training in another memory layout: float rounding differs, what is learned does not
+    assert result.best_val_accuracy > 80.0 and abs(result.best_val_accuracy - usual.best_val_accuracy) < 3.0
+    for conv in (model[0], model[3]):
+        assert conv.weight.is_contiguous()  # NCHW again: export and pruning see what they expect
+    # the kept checkpoint loads into a plain model
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])

@@ -79,6 +79,10 @@ class TrainConfig(StrictModel):
                           "distill/finetune from trained weights: last (the cosine schedule's end; see "
                           "docs/distill.md) unless early_stopping_patience is set")
     mixed_precision: bool = Field(True, description="autocast (bf16, else fp16 + loss scaling) on CUDA; ignored on CPU")
+    channels_last: bool = Field(False, description="train convolutions in the channels-last (NHWC) memory format, "
+                                "which oneDNN's CPU kernels run faster (a ResNet-20 w40 step at 24x24, batch 64: "
+                                "1.24x on an AMD EPYC); the model is handed on in the usual format. Off by default: "
+                                "a model that calls .view() on its activations may refuse NHWC tensors")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="divergence guard (rollback + lower lr)")
     precise_bn: bool | None = Field(
         None, description="re-estimate BatchNorm running statistics from training batches before each validation "

@@ -272,6 +272,8 @@ def fit(
     main = dist_utils.is_main_process()
     console = console or Console(stderr=True)
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; inputs follow the weights' format
     torch.manual_seed(seed)
     start_acc = evaluate(model, data.val_x, data.val_y, device=device)[0]
     if from_weights is None:
@@ -383,6 +385,8 @@ def fit(
         objective.teardown()
 
     model.load_state_dict(best_weights)
+    if config.channels_last:
+        model.to(memory_format=torch.contiguous_format)  # export and pruning see the usual layout
     return FitResult(best_val_accuracy=state.best_acc, best_epoch=state.best_epoch, epochs_run=state.epoch,
                      history=state.history, checkpoint=workdir / BEST, stopped_early=state.stopped_early,
                      resumed_from_epoch=resumed_from, start_val_accuracy=state.start_val_accuracy,
