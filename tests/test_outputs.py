@@ -136,6 +136,41 @@ def test_the_main_head_is_found_among_train_mode_extras_by_the_eval_logits_shape
     assert torch.equal(model(x), model.model(x).logits)
 
 
+class DepthOrderedAuxNet(nn.Module):
+    """Training mode: ``{"aux": ..., "out": ...}`` ordered by depth (the aux head comes first and has the main
+    head's shape); eval mode: the logits tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.aux = nn.Linear(8, 10)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor):
+        features = self.body(x)
+        return {"aux": self.aux(features), "out": self.fc(features)} if self.training else self.fc(features)
+
+
+def depth_ordered_aux_net(num_classes: int = 10, input_shape=(1, 8, 8)) -> nn.Module:
+    return DepthOrderedAuxNet()
+
+
+@pytest.mark.parametrize("keys", [("aux", "out"), ("aux_logits", "main"), ("aux1", "head")])
+def test_a_dict_whose_aux_head_comes_first_trains_its_main_head(digits8, keys):
+    """The first tensor of the right shape was the aux head: the teacher trained it while eval mode ran the untrained
+    main head (train accuracy 97%, val 12% in a user's trial). Main-head keys win, then any key not naming aux."""
+    from edgekd.models.adapter import logits_of
+
+    aux_key, main_key = keys
+    x = digits8.val_tensors(4)[0]
+    out = {aux_key: torch.zeros(4, 10), main_key: torch.ones(4, 10)}
+    assert torch.equal(logits_of(out, (10,)), out[main_key])
+    assert torch.equal(logits_of(out), out[main_key])
+    model = ModelSpec(factory="tests.test_outputs:depth_ordered_aux_net").build(10, digits8.input_shape)
+    model.train()
+    assert torch.equal(model(x), model.model.fc(model.model.body(x)))
+
+
 def test_validate_refuses_a_bare_squeeze_naming_the_module_the_call_and_the_line(tmp_path):
     from edgekd.pipeline.validate import validate_document
     from edgekd.recipe.load import load_recipe

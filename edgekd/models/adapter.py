@@ -41,21 +41,50 @@ def _tensors(output: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+#: keys a mapping's main logits go by, in this order (Hugging Face: ``logits``; torchvision's segmentation
+#: models: ``out`` beside ``aux``)
+MAIN_KEYS = ("logits", "out", "output", "main", "pred", "preds", "prediction", "predictions")
+#: a key holding this marks an auxiliary (deep-supervision) head: never the main logits while another fits
+AUX_MARKER = "aux"
+
+
+def _fits(tensor: Any, sample_shape: tuple[int, ...] | None) -> bool:
+    return isinstance(tensor, Tensor) and (sample_shape is None or tuple(tensor.shape[1:]) == tuple(sample_shape))
+
+
+def _main_of_mapping(output: Mapping, sample_shape: tuple[int, ...] | None) -> Tensor | None:
+    """A mapping's main logits: the first of ``MAIN_KEYS`` that fits, else the first fitting tensor under a key
+    that does not name an auxiliary head. A dict ordered ``{"aux": ..., "out": ...}`` (by depth) used to give
+    its aux head: the teacher trained that head while eval mode used the untrained main one."""
+    for key in MAIN_KEYS:
+        if _fits(output.get(key), sample_shape):
+            return output[key]
+    for key, value in output.items():
+        if AUX_MARKER not in str(key).lower():
+            for tensor in _tensors(value):
+                if _fits(tensor, sample_shape):
+                    return tensor
+    return None
+
+
 def logits_of(output: Any, sample_shape: tuple[int, ...] | None = None) -> Tensor:
     """The main logits in a model output.
 
     Order: a tensor itself; ``.logits`` (Hugging Face ``ModelOutput``, named tuples such as
-    torchvision's ``InceptionOutputs``); a mapping's ``"logits"``; else the first tensor, in order,
-    whose per-sample shape is ``sample_shape`` (the eval-mode logits' shape without the batch axis,
-    when known), else the first tensor. Raises ``ModelError`` when the output holds no tensor.
+    torchvision's ``InceptionOutputs``); a mapping's main head (``_main_of_mapping``: ``MAIN_KEYS``,
+    then any key not naming an ``aux`` head); else the first tensor, in order, whose per-sample shape is
+    ``sample_shape`` (the eval-mode logits' shape without the batch axis, when known), else the first
+    tensor. Raises ``ModelError`` when the output holds no tensor.
     """
     if isinstance(output, Tensor):
         return output
     named = getattr(output, "logits", None)
     if isinstance(named, Tensor):
         return named
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
+    if isinstance(output, Mapping):
+        main = _main_of_mapping(output, sample_shape)
+        if main is not None:
+            return main
     tensors = list(_tensors(output))
     if sample_shape is not None:
         for tensor in tensors:
