@@ -278,3 +278,52 @@ def test_channels_last_models_reach_the_same_widths_in_three_iterative_steps(nam
     assert not plan.failures, [f.reason() for f in plan.failures]
     assert model.get_submodule(embedding).out_channels == 16
     _assert_runs(model, data.val_x)
+
+
+class _HandWrittenAttention(nn.Module):
+    """Fused qkv named ``to_qkv`` and an output Linear named ``out``, heads by reshape, no ``scale`` attribute:
+    how many hand-written attentions look. With ``out`` unrecognised the prune stage refused the whole model."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, n, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) / (q.shape[-1] ** 0.5)).softmax(dim=-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 4, 4)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _HandWrittenAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn(self.norm1(tokens))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.head(tokens.mean(1))
+
+
+def test_hand_written_attention_named_to_qkv_and_out_loses_whole_heads():
+    data = _data(16)
+    torch.manual_seed(0)
+    teacher = _TinyTransformer().eval()
+    student = copy.deepcopy(teacher)
+    env = PruneEnv(config=PruneConfig(ratio=RATIO, round_to=ROUND_TO, probe=None),
+                   samples=data.train_x[:64].contiguous(), teacher=teacher)
+    plan = prune_at_ratio(student, env, RATIO)
+    assert not plan.failures, [f.reason() for f in plan.failures]
+    attention = [m for m in student.modules() if isinstance(m, FusedHeadAttention)]
+    assert plan.swapped_attention == ["attn"] and len(attention) == 1
+    assert attention[0].num_heads == 2 and attention[0].proj.in_features == 2 * attention[0].head_dim
+    assert student.embed.out_channels == 32
+    _assert_runs(student, data.val_x)

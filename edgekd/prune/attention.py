@@ -109,13 +109,16 @@ class FusedHeadAttention(nn.Module):
         self.proj_drop = proj_drop if proj_drop is not None else nn.Identity()
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> FusedHeadAttention:
-        """Take over a timm-style module's ``qkv``/``proj`` Linear layers (shared, not copied), its
-        head count (``num_heads`` or kin), ``scale`` and optional norms/dropouts. ``ModelError`` when
-        the module lacks them."""
+    def from_module(cls, module: nn.Module, qkv: nn.Module | None = None,
+                    proj: nn.Module | None = None) -> FusedHeadAttention:
+        """Take over a timm-style module's fused qkv and output Linear layers (shared, not copied; by
+        default its ``qkv``/``proj``, or the ones given, found by ``find_head_layouts`` under other names
+        such as ``to_qkv``/``out``), its head count (``num_heads`` or kin), ``scale`` and optional
+        norms/dropouts. ``ModelError`` when the module lacks them."""
         from edgekd.prune.heads import HEAD_COUNT_ATTRS  # heads imports this module
 
-        qkv, proj = module._modules.get("qkv"), module._modules.get("proj")
+        qkv = qkv if qkv is not None else module._modules.get("qkv")
+        proj = proj if proj is not None else module._modules.get("proj")
         heads = next((v for a in HEAD_COUNT_ATTRS if isinstance(v := module.__dict__.get(a), int)
                       and not isinstance(v, bool)), None)
         if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or heads is None:

@@ -27,9 +27,10 @@ HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head")
 #: separate projections, by the names libraries give them
 SEPARATE_QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
-FUSED_QKV = ("qkv", "in_proj", "c_attn")
-#: the output projection of a fused-qkv module, by the names libraries give it
-OUT_PROJ = ("proj", "out_proj", "o_proj", "c_proj", "dense")
+FUSED_QKV = ("qkv", "in_proj", "c_attn", "to_qkv", "qkv_proj", "Wqkv")
+#: the output projection of a fused-qkv module, by the names libraries and hand-written code give it
+#: (``out`` and ``to_out`` in many hand-written attentions: a user's ``qkv``/``out`` module was refused)
+OUT_PROJ = ("proj", "out_proj", "o_proj", "c_proj", "dense", "out", "to_out", "out_linear")
 
 
 @dataclass(eq=False)
@@ -221,10 +222,10 @@ def swap_fused_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
     left alone: their heads are cut in place (``HeadLayout.drop_heads``) or, where that breaks the
     forward, kept whole with the cause. Returns the names swapped; ``model`` is in eval mode here.
     """
-    names = {layout.module: layout.name for layout in find_head_layouts(model)
-             if layout.fused and not layout.head_params and layout.out_proj is not None and layout.heads > 1
-             and isinstance(layout.module._modules.get("qkv"), nn.Linear)
-             and layout.module._modules.get("proj") is layout.out_proj}
+    layouts = {layout.module: layout for layout in find_head_layouts(model)
+               if layout.fused and not layout.head_params and layout.out_proj is not None and layout.heads > 1
+               and any(child is layout.out_proj for child in layout.module.children())}
+    names = {module: layout.name for module, layout in layouts.items()}
     if not names:
         return []
     swapped = []
@@ -232,7 +233,7 @@ def swap_fused_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
         if _runs_with_one_head_less(module, x, y.shape):
             continue
         try:
-            new = FusedHeadAttention.from_module(module)
+            new = FusedHeadAttention.from_module(module, layouts[module].projections[0], layouts[module].out_proj)
         except ModelError:
             continue
         with torch.no_grad():
