@@ -723,3 +723,36 @@ def test_iterative_steps_list_each_group_kept_whole_once(images):
     roots = [f.root for f in plan.failures]
     assert roots and len(roots) == len(set(roots))
     assert after["stage2.0.branch2.0"]["width"] == 8  # 16 -> 8 over three steps
+
+
+class _NarrowGates(nn.Module):
+    """A squeeze-excitation whose reduce layer is narrower than round_to (24 -> 4 -> 24) and an ECA gate (a Conv1d
+    with one channel sliding over the pooled channel vector): both stay whole, and both used to be missing from
+    the report's kept-whole rows (the first looked 'cut as asked within one rounding step')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.reduce = nn.Conv2d(24, 4, 1)
+        self.expand = nn.Conv2d(4, 24, 1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y * torch.sigmoid(self.expand(F.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        pooled = y.mean((2, 3))
+        y = y * torch.sigmoid(self.eca(pooled.unsqueeze(1))).transpose(1, 2).unsqueeze(-1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_layers_narrower_than_round_to_and_single_channel_gates_get_a_kept_whole_row(images):
+    model = _ready(_NarrowGates(), images)
+    _, before, after, rows = _prune(model, images)
+    assert after["reduce"]["width"] == 4 and after["eca"]["width"] == 1
+    assert rows["reduce"]["reason"] == "round_to 8: 4 channels is less than one multiple"
+    assert rows["eca"]["reason"] == "a single output channel: nothing to cut" or "single" in rows["eca"]["reason"]
+    # no layer at full width lacks a row
+    whole = [name for name, info in before.items() if not name.endswith("#heads") and name in after
+             and after[name]["width"] == info["width"]]
+    assert set(whole) <= set(rows), set(whole) - set(rows)

@@ -606,8 +606,8 @@ def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: Pruni
             continue
         old, new = int(info["width"]), int(after[name]["width"])
         asked = old * (1 - ratio)
-        if ratio <= 0 or new < asked + max(1.0, 0.5 * multiple):
-            continue  # cut as asked (within one rounding step)
+        if ratio <= 0 or (new < old and new < asked + max(1.0, 0.5 * multiple)):
+            continue  # cut as asked (within one rounding step); a layer left whole always gets its row
         reason = plan.reasons.get(name) or plan.reasons.get(name.removeprefix("model."))
         module = modules.get(name) or modules.get(f"model.{name}")
         if reason is None and new == old and module is not None and _is_output_head(plan, module):
@@ -616,7 +616,11 @@ def kept_whole_rows(before: dict[str, dict], after: dict[str, dict], plan: Pruni
             groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
             if groups == getattr(module, "in_channels", 0) or groups == old:
                 groups = 1  # depthwise: one channel per group, rounded like any layer
-            if old <= multiple:
+            if old == 1:
+                reason = "a single output channel: nothing to cut"
+            elif old < multiple:
+                reason = f"round_to {multiple}: {old} channels is less than one multiple"
+            elif old == multiple:
                 reason = f"round_to {multiple}: {old} channels is already one multiple"
             elif groups > 1 and new != old:
                 reason = (f"groups {groups} and round_to {multiple}: channels kept per group in multiples "
