@@ -324,7 +324,7 @@ def test_a_pte_that_cannot_run_batch_one_fails_alone_and_the_benchmark_skips_it(
     # ExecuTorch's split_with_sizes_copy, which cannot resize: a real .pte that runs only at batch 2
     from edgekd.export import executorch_export
 
-    monkeypatch.setattr(executorch_export, "_SPLITS_AS_SLICES", {})
+    monkeypatch.setattr(executorch_export, "_EXPORT_DECOMPOSITIONS", {})
     torch.manual_seed(0)
     model = ChunkGateNet()
     train_briefly(model, digits8, torch.optim.Adam(model.parameters(), lr=1e-2), 2)
@@ -526,7 +526,7 @@ def test_a_pte_of_packed_head_attention_runs_every_batch_size(digits8, tmp_path,
                              declared_max_batch=256)
     assert [r["batch"] for r in rows] == [1, 3, 64] and all(r["max_abs_diff"] < 1e-4 for r in rows)
     del loaded
-    monkeypatch.setattr(executorch_export, "_SPLITS_AS_SLICES", {})
+    monkeypatch.setattr(executorch_export, "_EXPORT_DECOMPOSITIONS", {})
     export_pte(model, x[:2], tmp_path / "split.pte")
     split = get_runtime("executorch").load(tmp_path / "split.pte", threads=1)
     with pytest.raises(StageError, match="cannot run batch 3 .*accepts batches of at most 2"):

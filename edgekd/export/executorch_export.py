@@ -21,7 +21,7 @@ convolutions outside XNNPACK ran about 60x slower than ONNX Runtime).
   ``.chunk`` on the channel axis (a partial convolution, a chunk-in-two gate) gave a ``.pte`` that
   ran only at the example batch of 2 ("Attempted to resize a static tensor" at batch 1, 3, 64).
   Those splits (``torch.split``, ``.chunk``, their ``unsafe_`` forms) are rewritten as slices
-  before lowering (``_SPLITS_AS_SLICES``), which resize with the batch; the values are the same
+  before lowering (``_EXPORT_DECOMPOSITIONS``), which resize with the batch; the values are the same
   (the slices are the split's sections).
 - ``F.adaptive_max_pool2d`` is not in the Core ATen opset (the edge dialect raises
   ``SpecViolationError``); where the input's size is a multiple of the output's (a global max pool) it
@@ -89,7 +89,7 @@ def _adaptive_max_pool2d_as_max_pool2d(x: torch.Tensor, output_size: list[int]) 
 
 #: a decomposition table for ``ExportedProgram.run_decompositions``: only these operators, everything else
 #: kept. The splits resize with the batch as slices; the adaptive max pool becomes a Core ATen operator.
-_SPLITS_AS_SLICES = {torch.ops.aten.split_with_sizes.default: _split_with_sizes_as_slices,
+_EXPORT_DECOMPOSITIONS = {torch.ops.aten.split_with_sizes.default: _split_with_sizes_as_slices,
                      torch.ops.aten.split.Tensor: _split_as_slices,
                      torch.ops.aten.unsafe_split_with_sizes.default: _split_with_sizes_as_slices,
                      torch.ops.aten.unsafe_split.Tensor: _split_as_slices,
@@ -197,8 +197,8 @@ def export_pte(model: nn.Module, example: torch.Tensor, path: Path, *, dynamic_b
         except Exception as exc:  # torch.export raises UserError, Unsupported, GuardOnDataDependent...
             raise StageError(f"torch.export could not capture the model for ExecuTorch: {whole_cause(exc)}",
                              hint="make the model traceable (no data-dependent Python control flow)") from exc
-        if any(node.target in _SPLITS_AS_SLICES for node in program.graph.nodes):
-            program = program.run_decompositions(_SPLITS_AS_SLICES)
+        if any(node.target in _EXPORT_DECOMPOSITIONS for node in program.graph.nodes):
+            program = program.run_decompositions(_EXPORT_DECOMPOSITIONS)
         try:
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             facts = delegation_facts(edge.exported_program().graph_module)
