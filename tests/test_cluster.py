@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -92,9 +94,23 @@ def test_cluster_end_to_end_on_digits_shrinks_the_gzipped_onnx(tmp_path):
     data = result.report.stage_data["0-cluster"]
     assert data["after"]["onnx_gzip_bytes"] * 2 < data["before"]["onnx_gzip_bytes"]
     assert all(row["distinct"] <= 16 for row in data["layers"]) and len(data["layers"]) == 3
+    markdown = result.report_files["markdown"].read_text()
+    assert "Weight sharing (cluster): layers (0-cluster)" in markdown
+    assert "k = 16 shared values per layer; ONNX file raw" in markdown
+    assert "| student | onnx, index + codebook | artifacts/student.codebook.onnx | ok: 3 shared weight" in markdown
     student, _ = load_portable(result.student)
     for module in student.modules():
         if isinstance(module, nn.Linear):
             assert torch.unique(module.weight).numel() <= 16
     onnx = next(a for a in result.manifest["artifacts"] if a["role"] == "student" and a["fmt"] == "onnx")
     assert onnx["status"] == "ok"
+    # the shared weights on disk: a uint8 index + codebook per clustered layer, the same outputs in ONNX Runtime
+    plain = result.run_dir / onnx["path"]
+    codebook = plain.with_name("student.codebook.onnx")
+    assert onnx["info"]["codebook_layers"] == 3 and onnx["info"]["codebook_bytes"] == codebook.stat().st_size
+    assert codebook.stat().st_size * 3 < plain.stat().st_size
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    outputs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+               for f in (plain, codebook)]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    assert not (plain.parent / "teacher.codebook.onnx").exists()  # a model without shared weights gets none

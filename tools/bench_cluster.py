@@ -6,7 +6,9 @@ shared values (the stage's k-means and ``--epochs`` of distillation from the FP3
 assignments fixed). Each model is exported as edgekd ships it (one self-contained ONNX file) and
 compared with ONNX Runtime's dynamic INT8 quantization of the FP32 file (per-channel weights).
 Reported: test top-1 of each file run by ONNX Runtime, file bytes raw and gzipped (level 9), and
-the ideal packed size of the clustered weights (log2(k)-bit indices + float32 codebook).
+the ideal packed size of the clustered weights (log2(k)-bit indices + float32 codebook). Each clustered
+model also gets the file the export stage writes beside its ``.onnx`` (``edgekd.export.codebook``: every
+shared weight as a uint8 index and a float32 codebook, which ONNX Runtime folds back at load).
 
     python tools/bench_cluster.py                 # 3 seeds (a few minutes idle)
 """
@@ -34,6 +36,7 @@ from edgekd.data import load_data
 from edgekd.data.config import Mnist1dData
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
+from edgekd.export.codebook import write_codebook_onnx
 from edgekd.export.onnx_export import export_onnx
 from edgekd.models import build_model
 from edgekd.train.augment import AugmentConfig
@@ -98,6 +101,9 @@ def run_seed(seed: int, args, tmp: Path) -> dict[str, dict]:
         model, packed[f"k={k}"] = clustered(teacher, data, k, args, seed)
         files[f"k={k}"] = tmp / f"k{k}-{seed}.onnx"
         export_onnx(model, example, files[f"k={k}"])
+        # what the export stage writes beside it: each shared weight as a uint8 index + float32 codebook
+        files[f"k={k}, codebook .onnx"] = tmp / f"k{k}-{seed}.codebook.onnx"
+        write_codebook_onnx(files[f"k={k}"], files[f"k={k}, codebook .onnx"])
     x, y = data.test_tensors()
     out = {}
     for name, path in files.items():

@@ -51,7 +51,14 @@ from rich.console import Console
 
 from edgekd.data import digits_bundle, load_data
 from edgekd.data.config import Mnist1dData
-from edgekd.distill.config import RECOVERY_MAX_BATCH, DistillConfig, FinetuneConfig, KDTerm
+from edgekd.distill.config import (
+    DAMAGED_LR,
+    DAMAGED_SHARE,
+    RECOVERY_MAX_BATCH,
+    DistillConfig,
+    FinetuneConfig,
+    KDTerm,
+)
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
 from edgekd.models.evaluate import top1_accuracy
@@ -60,6 +67,7 @@ from edgekd.prune.config import PruneConfig
 from edgekd.prune.targets import PruneEnv, prune_at_ratio
 from edgekd.train.augment import AugmentConfig
 from edgekd.train.config import TrainConfig
+from edgekd.train.guard import chance, kept_share
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 from edgekd.train.trainer import FitResult, fit
 
@@ -137,39 +145,43 @@ def digits_section(args) -> dict[float, dict]:
           f"({args.teacher_epochs} epochs, {time.perf_counter() - started:.0f} s)")
     print(f"students: {args.epochs} epochs each, the recovery defaults from trained weights (finetune and distill "
           f"as a recipe gets them: {recovery_summary()})")
-    runs = recovery_runs(teacher, data, args.epochs, args.augment)
-    return {ratio: prune_and_compare(teacher, data, ratio, runs, "digits") for ratio in args.ratios}
+    return {ratio: prune_and_compare(teacher, data, ratio, args.epochs, args.augment, "digits") for ratio in args.ratios}
 
 
 def recovery_summary() -> str:
     kd = DistillConfig().concrete(True, data_batch=64)
-    return (f"SGD lr {kd.lr:g} after a {kd.warmup_epochs:g}-epoch warm-up, cosine, batch <= {RECOVERY_MAX_BATCH}, "
+    return (f"SGD lr {kd.lr:g} ({DAMAGED_LR:g} for a student keeping under {DAMAGED_SHARE:.0%} of the teacher's "
+            f"val top-1 above chance) after a {kd.warmup_epochs:g}-epoch warm-up, cosine, batch <= {RECOVERY_MAX_BATCH}, "
             f"the last epoch kept; kd T={kd.temperature:g} alpha={kd.alpha:g}, gradient clipping {kd.grad_clip:g}")
 
 
-def recovery_runs(teacher, data, epochs: int, augment) -> dict[str, tuple[Callable[[], Objective], TrainConfig]]:
+def recovery_runs(teacher, data, epochs: int, augment,
+                  share: float | None = None) -> dict[str, tuple[Callable[[], Objective], TrainConfig]]:
     """finetune and kd for a student pruned from ``teacher``, each with its stage's defaults from trained
-    weights (``FinetuneConfig``/``DistillConfig(...).concrete(True)``): what a recipe that names only the
-    epochs gets."""
-    ft = FinetuneConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size)
-    kd = DistillConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size)
+    weights (``FinetuneConfig``/``DistillConfig(...).concrete(True, batch, share)``): what a recipe that names
+    only the epochs gets. ``share``: what the pruned student keeps of the teacher's val top-1 above chance
+    (``kept_share``); the stages retrain a damaged student at a higher lr, and so does this."""
+    ft = FinetuneConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size, share)
+    kd = DistillConfig(epochs=epochs, augment=augment).concrete(True, data.batch_size, share)
     return {"finetune": (lambda: CrossEntropyObjective(), ft),
             "kd": (lambda: DistillObjective.from_config(teacher, kd), kd)}
 
 
-def prune_and_compare(teacher, data, ratio: float, runs: dict[str, tuple[Callable[[], Objective], TrainConfig]],
-                      label: str) -> dict:
-    """Prune a copy of ``teacher`` by ``ratio`` (L2, per layer), then every run (objective, config) from those
-    weights."""
+def prune_and_compare(teacher, data, ratio: float, epochs: int, augment, label: str) -> dict:
+    """Prune a copy of ``teacher`` by ``ratio`` (L2, per layer), then finetune and kd (``recovery_runs``, with the
+    stages' defaults for where the pruned student starts) from those weights."""
     example = data.example_batch(1)
     t_params, t_macs = count_params_macs(teacher, example)
     pruned = copy.deepcopy(teacher)
     prune_at_ratio(pruned, PruneEnv(config=PruneConfig(ratio=ratio, probe=None),
                                     samples=data.calibration_batch(64), teacher=teacher), ratio)
     params, macs = count_params_macs(pruned, example)
+    start = top1_accuracy(pruned, data.val_x, data.val_y)
+    share = kept_share(start, top1_accuracy(teacher, data.val_x, data.val_y), chance(data.num_classes))
+    runs = recovery_runs(teacher, data, epochs, augment, share)
     print(f"\n### pruned {ratio:.0%}: {params:,} params ({t_params / params:.1f}x fewer), {macs / 1e6:.2f} MMACs "
-          f"({t_macs / macs:.1f}x fewer); top-1 right after pruning "
-          f"{top1_accuracy(pruned, data.val_x, data.val_y):.1f}% val")
+          f"({t_macs / macs:.1f}x fewer); top-1 right after pruning {start:.1f}% val, keeping {share:.0%} of the "
+          f"teacher's above chance: recovery lr {runs['kd'][1].lr:g}")
     header()
     results = compare_runs({name: (make, data, config) for name, (make, config) in runs.items()},
                            lambda _seed: copy.deepcopy(pruned), data, f"{label} {ratio:.0%}")
@@ -225,8 +237,8 @@ def pruned_cnn_section(teacher, data, args) -> dict:
     # Unlike digits, the 70% student has room to grow (it recovers to ~87% against the teacher's ~93%),
     # so this is where a KD advantage would show if there were one.
     print(f"\npruned CNN students: {args.cnn_epochs} epochs each, the recovery defaults ({recovery_summary()})")
-    runs = recovery_runs(teacher, data, args.cnn_epochs, args.augment)
-    return {ratio: prune_and_compare(teacher, data, ratio, runs, "mnist1d cnn") for ratio in args.ratios}
+    return {ratio: prune_and_compare(teacher, data, ratio, args.cnn_epochs, args.augment, "mnist1d cnn")
+            for ratio in args.ratios}
 
 
 def cache_section(args) -> None:

@@ -10,6 +10,12 @@ sets the split (digits), the initial weights and the batch order.
 
     python tools/bench_linear.py                      # both datasets, 3 seeds (about 2-4 min here)
     python tools/bench_linear.py --datasets mnist1d --epochs 60 --augment 3
+    python tools/bench_linear.py --labeled-fraction 0.1   # the teacher labels what the student has no label for
+
+With ``--labeled-fraction F`` (issue 14's transfer regime) the teacher still trains on every label (it stands
+for a model trained elsewhere on more data); ``finetune`` trains on the labeled share only, for epochs / F
+epochs (the same optimizer steps), and ``kd`` trains over every training input (the ``transfer`` source: soft
+targets for all, the hard-label term on the labeled share).
 
 The MNIST-1D paper reports 32% for logistic regression and 68% for its MLP.
 """
@@ -28,6 +34,7 @@ from rich.console import Console
 
 from edgekd.data import digits_bundle, load_data
 from edgekd.data.config import Mnist1dData
+from edgekd.data.transfer import keep_labels, label_counts, labeled_only
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.models import build_model
@@ -68,18 +75,24 @@ def run_dataset(name: str, args) -> dict[str, list[float]]:
         results["teacher mlp"].append(top1_accuracy(teacher, *data.test_tensors()))
         config = TrainConfig(epochs=args.epochs, optimizer="adamw", lr=args.lr, weight_decay=0.0, batch_size=100,
                              augment=augment)
-        objectives = {"linear finetune": lambda: CrossEntropyObjective(),
-                      "linear kd": lambda teacher=teacher: DistillObjective(teacher, [KDTerm(kind="kd")],
-                                                            temperature=args.temperature, alpha=args.alpha)}
-        for label, make in objectives.items():
+        few = keep_labels(data, args.labeled_fraction, seed)
+        # finetune sees only the labeled share, for as many optimizer steps as kd takes over every input
+        ft_config = config.model_copy(update={"epochs": round(args.epochs / args.labeled_fraction)})
+        runs = {"linear finetune": (lambda: CrossEntropyObjective(), labeled_only(few), ft_config),
+                "linear kd": (lambda teacher=teacher: DistillObjective(teacher, [KDTerm(kind="kd")],
+                                                               temperature=args.temperature, alpha=args.alpha),
+                              few, config)}
+        for label, (make, train_data, train_config) in runs.items():
             torch.manual_seed(seed)  # same initial weights for both methods
             student = build_model("linear", num_classes=data.num_classes, input_shape=data.input_shape)
-            _train(student, make(), data, config, seed)
+            _train(student, make(), train_data, train_config, seed)
             results[label].append(top1_accuracy(student, *data.test_tensors()))
     example = data.example_batch(1)
     t_params, _ = count_params_macs(teacher, example)
     s_params, _ = count_params_macs(student, example)
-    print(f"\n## {name} {tuple(data.input_shape)}: {len(data.train)} train / {len(data.val)} val / "
+    counts = label_counts(few)
+    print(f"\n## {name} {tuple(data.input_shape)}: {len(data.train)} train ({counts['labeled']} labeled) / "
+          f"{len(data.val)} val / "
           f"{len(data.test)} test; teacher MLP 2x256 {t_params:,} params, linear {s_params:,} params; "
           f"{time.perf_counter() - started:.0f} s")
     print(f"{'model':<18}{'test top-1':>16}   per seed")
@@ -101,12 +114,14 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--augment", type=int, default=0, help="random shift (samples) for teacher and students")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--labeled-fraction", type=float, default=1.0,
+                        help="share of the training split whose labels the students see (the teacher sees all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# linear student: kd vs finetune; {platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}, {args.threads} thread(s); epochs teacher {args.teacher_epochs}, student "
           f"{args.epochs}, AdamW lr {args.lr} cosine, batch 100; kd T={args.temperature} alpha={args.alpha}; "
-          f"augment shift {args.augment}")
+          f"augment shift {args.augment}; students see {args.labeled_fraction:.0%} of the training labels")
     for name in args.datasets:
         run_dataset(name, args)
 

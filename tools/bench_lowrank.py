@@ -1,8 +1,15 @@
 """Low-rank factorization against channel pruning at equal measured latency (issue 17).
 
-Per seed (3 by default) on MNIST-1D (official 4000/1000 split, val held out of train): an MLP teacher
-(2 hidden layers, ``--hidden``) is trained on shifted signals; then two students are made from it
-and recovered by the same distillation (same epochs, optimizer, schedule, augmentation):
+Per seed (3 by default), one of two families (``--family``):
+
+* ``mlp``: MNIST-1D (official 4000/1000 split, val held out of train), an MLP teacher (2 hidden layers,
+  ``--hidden``) trained on shifted signals (AdamW); students distilled with AdamW at T=4, alpha 0.9;
+* ``resnet``: digits at 16x16 (1169/269/359), the built-in CIFAR ResNet-20 at ``--width`` trained with
+  SGD; its 3x3 convs factorize by spatial or channel SVD, and students recover with the distill stage's
+  defaults from trained weights (SGD lr 0.01, 0.2-epoch warm-up, batch 32, T=4, alpha 0.5).
+
+Two students are made from the teacher and recovered by the same distillation (same epochs,
+optimizer, schedule, augmentation):
 
 * ``lowrank``: the ``lowrank`` stage's planner (truncated SVD, one energy threshold for every layer,
   searched to meet ``--macs-reduction``, ranks rounded to ``--round-to``);
@@ -18,6 +25,7 @@ median of the per-round ratios).
 
     python tools/bench_lowrank.py                         # 3 seeds, hidden 256 (about 5-10 min idle)
     python tools/bench_lowrank.py --seeds 0 --epochs 5    # a quick look
+    python tools/bench_lowrank.py --family resnet         # ResNet-20 on digits 16x16
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +44,7 @@ from rich.console import Console
 
 from edgekd.bench.latency import paired_speedup
 from edgekd.data import load_data
-from edgekd.data.config import Mnist1dData
+from edgekd.data.config import DigitsData, Mnist1dData
 from edgekd.distill.config import KDTerm
 from edgekd.distill.objective import DistillObjective
 from edgekd.errors import EdgekdError
@@ -109,26 +118,50 @@ def measure(models: dict[str, torch.nn.Module], samples: torch.Tensor, min_time_
     return out
 
 
+@dataclass(frozen=True)
+class Family:
+    """One benchmarked kind of model: its data, its teacher and how both students recover."""
+
+    data: object
+    model: str
+    teacher_train: dict
+    recover_train: dict
+    alpha: float
+
+    def teacher(self, data, args) -> torch.nn.Module:
+        kwargs = {"hidden": args.hidden} if self.model == "mlp" else {"width": args.width}
+        return build_model(self.model, num_classes=data.num_classes, input_shape=data.input_shape, **kwargs)
+
+
+FAMILIES = {
+    "mlp": Family(Mnist1dData(dataset="mnist1d"), "mlp",
+                  {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-2, "batch_size": 100},
+                  {"optimizer": "adamw", "weight_decay": 0.0, "batch_size": 100}, alpha=0.9),
+    # the distill stage's FROM_WEIGHTS defaults (edgekd.distill.config): what a recipe naming only epochs gets
+    "resnet": Family(DigitsData(dataset="digits", image_size=16), "resnet20", {"lr": 0.05},
+                     {"batch_size": 32, "warmup_epochs": 0.2}, alpha=0.5),
+}
+
+
 def run_seed(seed: int, args) -> dict[str, dict]:
-    data = load_data(Mnist1dData(dataset="mnist1d"), seed=seed)
+    family = FAMILIES[args.family]
+    data = load_data(family.data, seed=seed)
     augment = AugmentConfig(shift=args.augment) if args.augment else None
     samples = data.calibration_batch(64, seed=seed)
     example = samples[:1]
     torch.manual_seed(seed)
-    teacher = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, hidden=args.hidden)
+    teacher = family.teacher(data, args)
     _train(teacher, CrossEntropyObjective(), data,
-           TrainConfig(epochs=args.teacher_epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-2, batch_size=100,
-                       augment=augment), seed)
+           TrainConfig(epochs=args.teacher_epochs, augment=augment, **family.teacher_train), seed)
     low, energy = lowrank_student(teacher, example, args)
     low_speed = measure({"teacher": teacher, "lowrank": low}, samples, args.min_time_s)["lowrank"]["bs32_x"]
     pruned, reached = pruned_student(teacher, samples, low_speed, args)
     print(f"  seed {seed}: low-rank energy {energy:.4f} measured {low_speed:.2f}x at bs32; pruned to {reached}")
     start = {"lowrank": top1_accuracy(low, *data.val_tensors()), "pruned": top1_accuracy(pruned, *data.val_tensors())}
-    recover = TrainConfig(epochs=args.epochs, optimizer="adamw", lr=args.lr, weight_decay=0.0, batch_size=100,
-                          augment=augment, keep="last")
+    recover = TrainConfig(epochs=args.epochs, lr=args.lr, augment=augment, keep="last", **family.recover_train)
     for student in (low, pruned):
-        _train(student, DistillObjective(teacher, [KDTerm(kind="kd")], temperature=4.0, alpha=0.9), data, recover,
-               seed)
+        _train(student, DistillObjective(teacher, [KDTerm(kind="kd")], temperature=4.0, alpha=family.alpha), data,
+               recover, seed)
     models = {"teacher": teacher, "lowrank": low, "pruned": pruned}
     figures = measure(models, samples, args.min_time_s)
     for name, model in models.items():
@@ -144,21 +177,33 @@ def _ms(values: list[float], spec: str = ".2f") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mlp",
+                        help="mlp: MNIST-1D MLP 2 x hidden; resnet: digits 16x16 ResNet-20 at --width")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--hidden", type=int, default=256, help="teacher MLP hidden width (2 layers)")
-    parser.add_argument("--teacher-epochs", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=30, help="distillation epochs of each student")
-    parser.add_argument("--lr", type=float, default=3e-3, help="students' AdamW peak lr (from trained weights)")
+    parser.add_argument("--width", type=int, default=32, help="ResNet-20's first-stage channels (then x2, x4)")
+    parser.add_argument("--teacher-epochs", type=int, help="default: 40 (mlp), 15 (resnet)")
+    parser.add_argument("--epochs", type=int, help="distillation epochs of each student; default: 30 (mlp), 15 (resnet)")
+    parser.add_argument("--lr", type=float, help="students' peak lr from trained weights; default: AdamW 3e-3 (mlp), "
+                        "SGD 0.01 (resnet)")
     parser.add_argument("--macs-reduction", type=float, default=3.0, help="low-rank target: teacher/student MACs")
     parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--augment", type=int, default=3, help="random shift (samples), teacher and students")
+    parser.add_argument("--augment", type=int, help="random shift (samples/pixels), teacher and students; default: "
+                        "3 (mlp), 2 (resnet)")
     parser.add_argument("--min-time-s", type=float, default=1.0, help="timed seconds per model and batch size")
     args = parser.parse_args()
+    mlp = args.family == "mlp"
+    for key, for_mlp, for_resnet in (("teacher_epochs", 40, 15), ("epochs", 30, 15), ("lr", 3e-3, 0.01),
+                                     ("augment", 3, 2)):
+        if getattr(args, key) is None:
+            setattr(args, key, for_mlp if mlp else for_resnet)
     torch.set_num_threads(1)
-    print(f"# low-rank vs channel pruning at equal measured latency, MNIST-1D MLP 2x{args.hidden}; "
+    model = f"MNIST-1D MLP 2x{args.hidden}" if mlp else f"digits 16x16 ResNet-20 width {args.width}"
+    print(f"# low-rank vs channel pruning at equal measured latency, {model}; "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}; ONNX Runtime 1 thread; "
-          f"teacher {args.teacher_epochs} epochs, students KD T=4 alpha 0.9 {args.epochs} epochs AdamW lr {args.lr}; "
-          f"augment shift {args.augment}; low-rank macs_reduction {args.macs_reduction}, round_to {args.round_to}")
+          f"teacher {args.teacher_epochs} epochs, students KD T=4 alpha {FAMILIES[args.family].alpha} {args.epochs} "
+          f"epochs {'AdamW' if mlp else 'SGD'} lr {args.lr}; augment shift {args.augment}; "
+          f"low-rank macs_reduction {args.macs_reduction}, round_to {args.round_to}")
     started = time.perf_counter()
     runs = [run_seed(seed, args) for seed in args.seeds]
     print(f"\n{len(args.seeds)} seed(s) in {time.perf_counter() - started:.0f} s; mean ± sd over seeds\n")

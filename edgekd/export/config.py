@@ -72,6 +72,10 @@ class ExportConfig(StrictModel):
     ort_target_platform: Literal["arm", "amd64"] = Field(
         "arm", description="optimisations baked into the .ort: arm keeps it portable to phones "
         "(no x86-only NCHWc layout); amd64 allows them")
+    codebook: bool = Field(True, description="beside a .onnx whose weights are shared (the cluster stage), write "
+                           "<role>.codebook.onnx: each float weight of at most 256 distinct values stored as a uint8 "
+                           "index and a codebook (about 4x smaller on disk; ONNX Runtime folds it back to float "
+                           "weights when it loads the file). Nothing is written for a model without shared weights")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="parity tolerances")
     parallel: bool = Field(True, description="export the first role (the teacher) in a child process while this "
                            "one exports the others, on machines with more than one core (exporting is mostly "

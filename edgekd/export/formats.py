@@ -52,7 +52,9 @@ class ExportFormatEntry:
 EXPORT_FORMATS: Registry[ExportFormatEntry] = Registry("export format", [
     ExportFormatEntry("onnx", ".onnx", "edgekd.export.makers:make_onnx",
                       summary="ONNX (torch.export-based exporter), for ONNX Runtime and OpenVINO",
-                      summary_keys=("exporter", "opset", "nodes", "batchnorm_nodes")),
+                      companions=(".codebook.onnx",),
+                      summary_keys=("exporter", "opset", "nodes", "batchnorm_nodes", "codebook_file", "codebook_layers",
+                                    "codebook_bytes")),
     ExportFormatEntry("ort", ".ort", "edgekd.export.makers:make_ort",
                       summary="ORT format for ORT Mobile, converted from the .onnx", source="onnx",
                       companions=(".required_operators.config",), summary_keys=("target_platform",)),

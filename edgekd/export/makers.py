@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgekd.export.codebook import CODEBOOK_SUFFIX, write_codebook_onnx
 from edgekd.export.config import ExportConfig
 from edgekd.export.executorch_export import export_pte
 from edgekd.export.formats import EXPORT_FORMATS
@@ -37,8 +38,16 @@ class ExportJob:
 
 def make_onnx(job: ExportJob) -> dict[str, Any]:
     cfg = job.config
-    return export_onnx(job.model, job.example, job.path("onnx"), opset=cfg.opset,
+    info = export_onnx(job.model, job.example, job.path("onnx"), opset=cfg.opset,
                        dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify)
+    if cfg.codebook:
+        try:
+            shared = write_codebook_onnx(job.path("onnx"), job.out_dir / f"{job.role}{CODEBOOK_SUFFIX}")
+        except ValueError as exc:  # the .onnx itself is fine: ship it without the smaller twin, and say why
+            info["codebook_error"] = str(exc)
+        else:
+            info.update(shared or {})
+    return info
 
 
 def make_ort(job: ExportJob) -> dict[str, Any]:

@@ -11,8 +11,10 @@ both; a run from before position keys (data keyed "prune") renders untitled, as 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import PurePosixPath
 from typing import Any
 
+from edgekd.report.cluster_tables import cluster_layers_table
 from edgekd.report.lowrank_tables import lowrank_layers_table
 from edgekd.report.schema import Report
 from edgekd.report.tables import Table, fmt_bytes, fmt_count, fmt_num
@@ -225,6 +227,12 @@ def export_files_table(export: Any, key: str | None = None) -> Table | None:
                        fmt_num(a.get("cosine_similarity"), ".6f"), fmt_num(a.get("sqnr_db"), ".1f"),
                        _pct(None if agree is None else 100 * agree),
                        ", ".join(str(b) for b in a.get("batches_checked") or []) or "—", share_text])
+        if a.get("codebook_file"):  # shared weights (cluster stage) written beside the .onnx as index + codebook
+            t.rows.append([str(a.get("role")), f"{a.get('fmt')}, index + codebook",
+                           str(PurePosixPath(str(a.get("path", ""))).with_name(str(a["codebook_file"]))),
+                           f"ok: {a.get('codebook_layers', '?')} shared weight tensor(s) as uint8 index + codebook, "
+                           "the same outputs in ONNX Runtime", fmt_bytes(a.get("codebook_bytes")),
+                           "—", "—", "—", "—", "—", "—"])
     return t
 
 
@@ -235,6 +243,7 @@ MAKERS: dict[str, tuple[Callable[[Any, str | None], Table | list[Table] | None],
     "export": (export_files_table,),
     "quantize": (quantize_candidates_table, quantize_fallback_table, layer_error_table, quantize_other_formats_tables),
     "lowrank": (lowrank_layers_table,),
+    "cluster": (cluster_layers_table,),
 }
 
 

@@ -1,0 +1,116 @@
+"""Shared weights stored as an index and a codebook in the ONNX graph (the ``cluster`` stage's payoff on disk).
+
+A clustered layer (``edgekd.cluster``, Deep Compression's weight sharing, Han et al. 2016) holds at most k
+distinct float32 values. The plain ONNX export still stores every weight as 4 bytes, so the sharing only shows
+once the file is gzipped. This module writes a second file in which every float initializer with at most 256
+distinct values (and at least ``min_elements`` elements) becomes
+
+    index (uint8, the weight's shape) -> Cast(int32) -> Gather(codebook (float32, k), axis 0) -> the weight
+
+so the file on disk holds one byte per weight instead of four. Each Gather reads constants only, so ONNX
+Runtime folds it at session creation (graph optimization level basic and above): the session then runs the
+same float kernels with the same weights as the plain file. It saves storage and download, not RAM or latency.
+A 4-bit index (ONNX's ``UINT4``, opset 21) would halve the index again; it is not used because ONNX Runtime's
+CPU provider does not run Cast or Gather on 4-bit tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekd.fileio import atomic_write_bytes
+
+#: the file written beside ``<role>.onnx``
+CODEBOOK_SUFFIX = ".codebook.onnx"
+#: the largest codebook a uint8 index can address
+MAX_VALUES = 256
+#: smaller initializers (biases, norms) gain nothing from an index and a codebook
+MIN_ELEMENTS = 256
+
+
+def shared_initializers(model: onnx.ModelProto, *, min_elements: int = MIN_ELEMENTS) -> dict[str, np.ndarray]:
+    """Name -> array of every float32 initializer of ``model``'s main graph with at most ``MAX_VALUES``
+    distinct values and at least ``min_elements`` elements."""
+    found = {}
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or np.prod(init.dims, dtype=np.int64) < min_elements:
+            continue
+        array = numpy_helper.to_array(init)
+        if np.unique(array).size <= MAX_VALUES:
+            found[init.name] = array
+    return found
+
+
+def to_codebook_graph(model: onnx.ModelProto, shared: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` in which each initializer named in ``shared`` is a uint8 index plus a float32
+    codebook joined by Cast and Gather nodes that produce a tensor of the original name, shape and values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept = [init for init in graph.initializer if init.name not in shared]
+    nodes = []
+    for name, array in shared.items():
+        codebook, index = np.unique(array, return_inverse=True)
+        kept.append(numpy_helper.from_array(index.reshape(array.shape).astype(np.uint8), f"{name}__index"))
+        kept.append(numpy_helper.from_array(codebook.astype(np.float32), f"{name}__codebook"))
+        nodes.append(helper.make_node("Cast", [f"{name}__index"], [f"{name}__index_i32"], to=TensorProto.INT32,
+                                      name=f"{name}__cast"))
+        nodes.append(helper.make_node("Gather", [f"{name}__codebook", f"{name}__index_i32"], [name], axis=0,
+                                      name=f"{name}__gather"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    # the weights are computed before any node that reads them
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+    # an initializer listed as a graph input (older exporters) is now a node's output
+    inputs = [i for i in graph.input if i.name not in shared]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return out
+
+
+def write_codebook_onnx(source: Path, target: Path, *, min_elements: int = MIN_ELEMENTS) -> dict[str, Any] | None:
+    """Write ``source`` (a plain ONNX file) as ``target`` with its shared weights as index + codebook, checked
+    to compute the same outputs in ONNX Runtime on a random input; None (and nothing written) when no
+    initializer has at most 256 distinct values. Returns the facts for the export summary: bytes of both
+    files and the count of layers stored so. Raises ``ValueError`` when the rewritten graph disagrees."""
+    model = onnx.load(str(source))
+    shared = shared_initializers(model, min_elements=min_elements)
+    if not shared:
+        return None
+    rewritten = to_codebook_graph(model, shared)
+    onnx.checker.check_model(rewritten)
+    payload = rewritten.SerializeToString()
+    _check_same_outputs(model.SerializeToString(), payload, model)
+    atomic_write_bytes(target, payload)
+    return {"codebook_file": target.name, "codebook_layers": len(shared), "codebook_bytes": len(payload),
+            "float_bytes": source.stat().st_size}
+
+
+def _check_same_outputs(plain: bytes, rewritten: bytes, model: onnx.ModelProto) -> None:
+    import onnxruntime as ort  # imported here: loading a recipe imports no runtime
+
+    feeds = {}
+    rng = np.random.default_rng(0)
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tensor.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    runs = [ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+            for blob in (plain, rewritten)]
+    for a, b in zip(*runs, strict=True):
+        if not np.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ValueError(f"the index + codebook graph disagrees with the plain one by up to "
+                             f"{float(np.max(np.abs(a - b))):.3g}")
