@@ -31,7 +31,7 @@ from edgekd.prune.targets import PruneEnv, prune_at_ratio
 from edgekd.recipe.stages import StageEntry
 from edgekd.stage.base import registered_stages
 from edgekd.train.config import TrainConfig
-from edgekd.train.objectives import CrossEntropyObjective
+from edgekd.train.objectives import Batch, CrossEntropyObjective
 from edgekd.train.trainer import fit
 
 CPU = torch.device("cpu")
@@ -364,3 +364,32 @@ def test_transfer_kd_over_unlabeled_inputs_beats_finetuning_on_the_labeled_few(t
     ft = fit(mlp(), CrossEntropyObjective(), labeled_only(few), ft_cfg, tmp_path / "ft", device=CPU)
     assert kd.history[0]["train_accuracy"] == kd.history[0]["train_accuracy"]  # labeled samples scored (not NaN)
     assert kd.best_val_accuracy > ft.best_val_accuracy + 5
+
+
+def test_soft_until_teacher_turns_the_soft_share_off_once_the_student_reaches_the_teacher_on_val(digits8):
+    """``soft_until_teacher``: the kd term's alpha is 0 from the epoch after a val top-1 at or above the teacher's,
+    the loss is then the hard-label cross-entropy alone, and the decision follows the history (a rollback to an
+    earlier epoch turns the soft term back on)."""
+    torch.manual_seed(0)
+    teacher = build_model("mlp", num_classes=10, input_shape=digits8.input_shape, hidden=32).eval()
+    student = copy.deepcopy(teacher)
+    objective = DistillObjective.from_config(
+        teacher, DistillConfig(epochs=3, alpha=0.5, soft_until_teacher=True).concrete(True, 64))
+    objective.setup(student, digits8, torch.device("cpu"))
+    try:
+        reached = objective.teacher_val_accuracy
+        assert reached == top1_accuracy(teacher, digits8.val_x, digits8.val_y)
+        batch = Batch(digits8.train_x[:16], digits8.train_y[:16], torch.arange(16))
+        objective.before_epoch(2, [{"val_accuracy": reached - 1.0}])
+        assert objective.soft_off_from is None and objective.terms[0].settings.alpha == 0.5
+        soft = objective.compute(student, batch).total
+        objective.before_epoch(3, [{"val_accuracy": reached - 1.0}, {"val_accuracy": reached}])
+        assert objective.soft_off_from == 3 and objective.terms[0].settings.alpha == 0.0
+        hard = objective.compute(student, batch).total
+        assert hard.item() == pytest.approx(F.cross_entropy(student(batch.x), batch.y).item(), rel=1e-5)
+        assert soft.item() != pytest.approx(hard.item(), rel=1e-3)
+        objective.before_epoch(2, [{"val_accuracy": reached - 1.0}])  # rolled back before the epoch that reached it
+        assert objective.soft_off_from is None and objective.terms[0].settings.alpha == 0.5
+        assert objective.describe()["teacher_val_accuracy"] == reached
+    finally:
+        objective.teardown()

@@ -195,6 +195,10 @@ class DistillConfig(_Recovery):
                                         "the temperature (Sun et al. 2024): soft targets then ignore the teacher's "
                                         "logit scale")
 
+    soft_until_teacher: bool = Field(False, description="turn the kd term's soft share (alpha) to 0 from the epoch "
+                                     "after the student's val top-1 first reaches the teacher's: a student that can "
+                                     "outgrow its teacher then learns from the labels alone (ignored with a transfer "
+                                     "source, whose unlabeled inputs have only the soft targets)")
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature T of the kd term")
     alpha: float | None = Field(None, ge=0.0, le=1.0, description="kd term: share of the soft (teacher) loss; "
                                 "1 - alpha goes to the hard-label cross-entropy; null: 0.5 when the student starts "

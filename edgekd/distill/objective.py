@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,8 +41,13 @@ class DistillObjective(Objective):
 
     def __init__(self, teacher: nn.Module, losses: list[LossTerm], *, temperature: float = 4.0,
                  alpha: float = 0.9, cache: bool = True, cache_max_mb: float = 1024.0,
-                 standardize: bool = False) -> None:
+                 standardize: bool = False, soft_until_teacher: bool = False) -> None:
         self.teacher = teacher
+        self.soft_until_teacher = soft_until_teacher
+        #: the teacher's val top-1 (percent), measured in ``setup`` when ``soft_until_teacher``
+        self.teacher_val_accuracy: float | None = None
+        #: the epoch from which the soft share is 0 (None: still on)
+        self.soft_off_from: int | None = None
         self.losses = list(losses)
         self.temperature, self.alpha, self.standardize = temperature, alpha, standardize
         self.use_cache, self.cache_max_mb = cache, cache_max_mb
@@ -64,7 +70,8 @@ class DistillObjective(Objective):
         alpha = config.alpha if config.alpha is not None else FROM_SCRATCH["alpha"]
         return cls(teacher, config.losses, temperature=config.temperature, alpha=alpha,
                    cache=config.teacher_cache, cache_max_mb=config.cache_max_mb,
-                   standardize=config.logit_standardization)
+                   standardize=config.logit_standardization,
+                   soft_until_teacher=config.soft_until_teacher and config.source is None)
 
     # -- set-up -------------------------------------------------------------------------------
     def inputs_vary(self) -> None:
@@ -91,6 +98,10 @@ class DistillObjective(Objective):
                     self.adaptors[key] = module
             term.module = self.adaptors[key] if key in self.adaptors else None
         self.adaptors.to(device)
+        if self.soft_until_teacher:
+            from edgekd.models.evaluate import top1_accuracy
+
+            self.teacher_val_accuracy = top1_accuracy(self.teacher, data.val_x, data.val_y, device=device)
         self._cache = self._build_cache(data, device, t_feats) if self.use_cache else None
         if not self.use_cache:
             self.cache_info = {"enabled": False, "reason": self._cache_off_reason}
@@ -131,6 +142,22 @@ class DistillObjective(Objective):
     def extra_modules(self) -> nn.Module | None:
         return self.adaptors if len(self.adaptors) else None
 
+    def before_epoch(self, epoch: int, history: list[dict]) -> None:
+        """``soft_until_teacher``: once an epoch's val top-1 has reached the teacher's, the kd term's soft share
+        is 0 for every later epoch (the hard-label cross-entropy alone). A decision on val; taken from
+        ``history`` alone, so a resumed or rolled-back run takes it at the same epoch. Early-stopped KD (Cho &
+        Hariharan 2019, "On the Efficacy of Knowledge Distillation") stops the soft term at a fixed epoch;
+        this stops it when the teacher has nothing left to teach on val."""
+        if not self.soft_until_teacher or self.teacher_val_accuracy is None:
+            return
+        reached = [i for i, row in enumerate(history, start=1)
+                   if row.get("val_accuracy", -1.0) >= self.teacher_val_accuracy]
+        self.soft_off_from = reached[0] + 1 if reached else None
+        alpha = 0.0 if self.soft_off_from is not None else self.alpha
+        for term in self.terms:
+            if term.settings.alpha != alpha:
+                term.settings = replace(term.settings, alpha=alpha)
+
     def teardown(self) -> None:
         for tap in (self._student_tap, self._teacher_tap):
             if tap is not None:
@@ -169,6 +196,7 @@ class DistillObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"objective": "distill", "temperature": self.temperature, "alpha": self.alpha,
-                "logit_standardization": self.standardize,
+                "logit_standardization": self.standardize, "soft_until_teacher": self.soft_until_teacher,
+                "teacher_val_accuracy": self.teacher_val_accuracy, "soft_off_from_epoch": self.soft_off_from,
                 "losses": [t.model_dump() for t in self.losses], "teacher_cache": self.cache_info,
                 "adaptors": {i: type(getattr(a, "proj", a)).__name__ for i, a in self.adaptors.items()}}

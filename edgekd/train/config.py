@@ -39,7 +39,9 @@ class GuardConfig(StrictModel):
                                                             "counts as exploding")
     rise_factor: float | None = Field(
         1.05, gt=1.0, description="an epoch whose mean train loss is above this x max(the run's first loss, "
-                                  "ln C) counts as diverged (it made the model worse than it started); null: off")
+                                  "ln C) counts as diverged (it made the model worse than it started); only from "
+                                  "random weights (from trained weights the val drop from the start judges); "
+                                  "null: off")
     chance_after_steps: int = Field(50, ge=0, description="train accuracy at chance counts only after this many "
                                     "optimizer steps (a first epoch of 2 steps proves nothing)")
     chance_margin: float = Field(0.05, ge=0.0, lt=1.0, description="'at chance' means at most chance + this share "

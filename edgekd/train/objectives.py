@@ -50,6 +50,11 @@ class Objective(ABC):
         """Trainable helpers optimised alongside the model (e.g. hint adaptors); None if none."""
         return None
 
+    def before_epoch(self, epoch: int, history: list[dict]) -> None:  # noqa: B027
+        """Called before each epoch (1-based) with the rows of the epochs kept so far (each with its
+        ``val_accuracy``, percent). Derive any per-epoch setting from ``history`` alone: a resumed run
+        and a rolled-back epoch see the same history and so take the same path."""
+
     @abstractmethod
     def compute(self, model: nn.Module, batch: Batch) -> LossOutput:
         """Forward ``batch.x`` through ``model`` (possibly DDP-wrapped) and return the loss."""

@@ -329,6 +329,7 @@ def fit(
             with _progress(console, enabled=main) as progress:
                 while state.epoch < config.epochs and not state.stopped_early:
                     epoch = state.epoch + 1
+                    objective.before_epoch(epoch, state.history)
                     try:
                         row = _train_one_epoch(
                             train_model, objective, extra_params, optimizer, scheduler, scaler, config,
@@ -343,7 +344,7 @@ def fit(
                             steps = scheduler.last_epoch - state.steps_at_rollback
                             val_acc, val_loss = _check_epoch(model, data, config, row, val_acc, val_loss, state,
                                                              batch_size, seed, device, label, epoch, console, main,
-                                                             steps)
+                                                             steps, from_weights)
                     except Diverged as why:
                         if _roll_back(why, good, start, model, extra, optimizer, scheduler, scaler, config, state,
                                       epoch, label, console, main, workdir):
@@ -430,14 +431,14 @@ def _recalibrate(model: nn.Module, data: DataBundle, max_batches: int, batch_siz
 
 
 def _check_epoch(model, data, config, row, val_acc, val_loss, state, batch_size, seed, device, label, epoch,
-                 console, main, steps: int) -> tuple[float, float]:
+                 console, main, steps: int, from_weights: bool = False) -> tuple[float, float]:
     """The guard's end-of-epoch checks. Raises ``Diverged`` for a rollback; re-estimates BatchNorm
     statistics when train accuracy is high but val at chance, and stops with ``TrainingDivergedError``
     when even that leaves val at chance. Returns the (possibly re-measured) val accuracy and loss."""
     guard, classes = config.guard, data.num_classes
     problem = epoch_problem(row["train_accuracy"], val_acc, state.start_val_accuracy, classes, guard,
                             train_loss=row["train_loss"], reference_loss=state.reference_loss,
-                            steps=steps, val_samples=len(data.val_y))
+                            steps=steps, val_samples=len(data.val_y), from_weights=from_weights)
     if problem is not None:
         raise Diverged(problem, train_accuracy=row["train_accuracy"], val_accuracy=val_acc)
     if not (learned(row["train_accuracy"], classes) and at_chance(val_acc, classes, guard.chance_margin)):
