@@ -6,9 +6,11 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 import edgekd
@@ -114,3 +116,43 @@ def test_cluster_end_to_end_on_digits_shrinks_the_gzipped_onnx(tmp_path):
                for f in (plain, codebook)]
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
     assert not (plain.parent / "teacher.codebook.onnx").exists()  # a model without shared weights gets none
+
+
+def test_codebook_onnx_keeps_a_clustered_conv_shared_after_its_batchnorm_is_folded(tmp_path):
+    """Export folds a BatchNorm into the conv before it, scaling each output channel of a weight with 16 shared
+    values by its own factor: the ONNX weight has far more than 256 values in all, but at most 16 per channel.
+    The codebook file stores it per channel (uint8 index + a codebook row per channel), computes the same outputs
+    in ONNX Runtime, and ONNX Runtime folds the lookup away when it loads the file."""
+    from edgekd.export.codebook import write_codebook_onnx
+    from edgekd.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Conv2d):
+                values = torch.randn(16)
+                module.weight.copy_(values[torch.randint(0, 16, module.weight.shape)])
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 2.0)
+    model.eval()
+    plain = tmp_path / "m.onnx"
+    export_onnx(model, torch.randn(1, 3, 8, 8), plain)
+    folded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(plain)).graph.initializer}
+    widest = max(folded.values(), key=lambda a: a.size)
+    assert np.unique(widest).size > 256 and max(np.unique(r).size for r in widest.reshape(32, -1)) <= 16
+    facts = write_codebook_onnx(plain, tmp_path / "m.codebook.onnx")
+    assert facts is not None and facts["codebook_layers"] >= 1
+    assert facts["codebook_bytes"] < 0.5 * facts["float_bytes"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    outputs = [ort.InferenceSession(str(f), options if f.name.startswith("m.codebook") else ort.SessionOptions(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+               for f in (plain, tmp_path / "m.codebook.onnx")]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not ops & {"Gather", "GatherElements", "Cast"}  # folded into float weights at load

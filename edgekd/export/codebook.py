@@ -7,7 +7,10 @@ distinct values (and at least ``min_elements`` elements) becomes
 
     index (uint8, the weight's shape) -> Cast(int32) -> Gather(codebook (float32, k), axis 0) -> the weight
 
-so the file on disk holds one byte per weight instead of four. Each Gather reads constants only, so ONNX
+and one with at most 256 per output channel (a clustered conv with its BatchNorm folded in: each channel's k
+values scaled by its own factor) becomes index (uint8, channels x rest) -> Cast -> GatherElements(codebooks
+(float32, channels x k), axis 1) -> Reshape -> the weight, so the file on disk holds one byte per weight
+instead of four. Each Gather reads constants only, so ONNX
 Runtime folds it at session creation (graph optimization level basic and above): the session then runs the
 same float kernels with the same weights as the plain file. It saves storage and download, not RAM or latency.
 A 4-bit index (ONNX's ``UINT4``, opset 21) would halve the index again; it is not used because ONNX Runtime's
@@ -33,35 +36,83 @@ MAX_VALUES = 256
 MIN_ELEMENTS = 256
 
 
+def _rows(array: np.ndarray) -> np.ndarray:
+    """``array`` as (output channels, the rest): axis 0 of a Conv/Gemm weight."""
+    return array.reshape(array.shape[0], -1)
+
+
+def codebook_kind(array: np.ndarray) -> str | None:
+    """How ``array`` is stored as index + codebook, or None when it is not worth it:
+
+    - ``"tensor"``: at most ``MAX_VALUES`` distinct values in the whole tensor (a layer clustered and
+      exported as it is);
+    - ``"row"``: at most ``MAX_VALUES`` per output channel (axis 0), the codebooks of all channels taking at
+      most a quarter of the float bytes. Exporting folds each BatchNorm into the conv before it, scaling
+      every output channel of a clustered weight by its own factor: the k shared values become k per channel
+      (a clustered conv with 16 values read 476-983 distinct values in its ONNX file)."""
+    if np.unique(array).size <= MAX_VALUES:
+        return "tensor"
+    if array.ndim < 2:
+        return None
+    rows = _rows(array)
+    widest = max(np.unique(row).size for row in rows)
+    if widest > MAX_VALUES or 4 * rows.shape[0] * widest > rows.size:
+        return None
+    return "row"
+
+
 def shared_initializers(model: onnx.ModelProto, *, min_elements: int = MIN_ELEMENTS) -> dict[str, np.ndarray]:
-    """Name -> array of every float32 initializer of ``model``'s main graph with at most ``MAX_VALUES``
-    distinct values and at least ``min_elements`` elements."""
+    """Name -> array of every float32 initializer of ``model``'s main graph with at least ``min_elements``
+    elements that ``codebook_kind`` stores as index + codebook."""
     found = {}
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT or np.prod(init.dims, dtype=np.int64) < min_elements:
             continue
         array = numpy_helper.to_array(init)
-        if np.unique(array).size <= MAX_VALUES:
+        if codebook_kind(array) is not None:
             found[init.name] = array
     return found
 
 
+def _encode(name: str, array: np.ndarray) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The initializers and nodes that compute ``array`` under ``name`` from a uint8 index and codebook(s)."""
+    index_i32 = f"{name}__index_i32"
+    cast = helper.make_node("Cast", [f"{name}__index"], [index_i32], to=TensorProto.INT32, name=f"{name}__cast")
+    if codebook_kind(array) == "tensor":
+        codebook, index = np.unique(array, return_inverse=True)
+        inits = [numpy_helper.from_array(index.reshape(array.shape).astype(np.uint8), f"{name}__index"),
+                 numpy_helper.from_array(codebook.astype(np.float32), f"{name}__codebook")]
+        gather = helper.make_node("Gather", [f"{name}__codebook", index_i32], [name], axis=0, name=f"{name}__gather")
+        return inits, [cast, gather]
+    rows = _rows(array)
+    per_row = [np.unique(row, return_inverse=True) for row in rows]
+    width = max(values.size for values, _ in per_row)
+    # a row with fewer values repeats its last one: those entries are never indexed
+    codebooks = np.stack([np.pad(values, (0, width - values.size), mode="edge") for values, _ in per_row])
+    index = np.stack([inverse for _, inverse in per_row]).astype(np.uint8)
+    inits = [numpy_helper.from_array(index, f"{name}__index"),
+             numpy_helper.from_array(codebooks.astype(np.float32), f"{name}__codebook"),
+             numpy_helper.from_array(np.asarray(array.shape, dtype=np.int64), f"{name}__shape")]
+    nodes = [cast,
+             helper.make_node("GatherElements", [f"{name}__codebook", index_i32], [f"{name}__rows"], axis=1,
+                              name=f"{name}__gather"),
+             helper.make_node("Reshape", [f"{name}__rows", f"{name}__shape"], [name], name=f"{name}__reshape")]
+    return inits, nodes
+
+
 def to_codebook_graph(model: onnx.ModelProto, shared: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` in which each initializer named in ``shared`` is a uint8 index plus a float32
-    codebook joined by Cast and Gather nodes that produce a tensor of the original name, shape and values."""
+    """A copy of ``model`` in which each initializer named in ``shared`` is a uint8 index plus float32
+    codebook(s) joined by Cast and Gather (per tensor) or GatherElements and Reshape (per output channel)
+    nodes that produce a tensor of the original name, shape and values."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     kept = [init for init in graph.initializer if init.name not in shared]
     nodes = []
     for name, array in shared.items():
-        codebook, index = np.unique(array, return_inverse=True)
-        kept.append(numpy_helper.from_array(index.reshape(array.shape).astype(np.uint8), f"{name}__index"))
-        kept.append(numpy_helper.from_array(codebook.astype(np.float32), f"{name}__codebook"))
-        nodes.append(helper.make_node("Cast", [f"{name}__index"], [f"{name}__index_i32"], to=TensorProto.INT32,
-                                      name=f"{name}__cast"))
-        nodes.append(helper.make_node("Gather", [f"{name}__codebook", f"{name}__index_i32"], [name], axis=0,
-                                      name=f"{name}__gather"))
+        inits, made = _encode(name, array)
+        kept.extend(inits)
+        nodes.extend(made)
     del graph.initializer[:]
     graph.initializer.extend(kept)
     # the weights are computed before any node that reads them
