@@ -243,6 +243,11 @@ def test_export_command_writes_a_verified_ort_and_its_onnx(student, digits8, tmp
     assert onnx_facts["parity"]["passed"] and onnx_facts["exporter"] == "torch.export"
     with pytest.raises(ConfigError, match="choose one of: onnx, ort, pte"):
         export_model(checkpoint, "tflite")
+    # without --out the file goes beside the checkpoint, where a run keeps its own artifacts: never replaced
+    (tmp_path / "student.onnx").write_bytes(b"the run's own file")
+    with pytest.raises(ConfigError, match="student.onnx exists") as refused:
+        export_model(checkpoint, "onnx")
+    assert "--out" in refused.value.hint and (tmp_path / "student.onnx").read_bytes() == b"the run's own file"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(EdgekdError, match="truncated.pt"):

@@ -138,6 +138,11 @@ RECIPE = textwrap.dedent("""\
     ({"body.1: 40": "bodyy.1: 4"}, ["'bodyy.1'", "not a module", "did you mean"]),
     ({"energy: 0.9": "energy: 1.5", "          ranks: {body.1: 40}\n": ""}, ["energy", "1"]),
     ({"ranks: {body.1: 40}": "ignored_layers: [nope]"}, ["ignored layer 'nope'", "lowrank.ignored_layers"]),
+    # Linear(64, 32): rank r costs 96 r MACs against 2,048, so ranks above 21 would leave it as it is
+    ({"body.1: 40": "body.1: 25"}, ["rank 25", "saves nothing", "at most 21", "lowrank.ranks"]),
+    ({"body.1: 40": "body.1: 0"}, ["stages.0.lowrank.ranks", "at least 1"]),
+    ({"ranks: {body.1: 40}": "ranks: {body.1: 4}\n      ignored_layers: [body.1]"},
+     ["both lowrank.ranks and lowrank.ignored_layers"]),
 ])
 def test_recipe_errors_name_file_line_and_key(tmp_path, edit, words):
     text = RECIPE

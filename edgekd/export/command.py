@@ -43,7 +43,8 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
                  factories: Iterable[str] = ()) -> Path:
     """Export a portable ``.pt`` checkpoint to ``to`` ("onnx", "ort" or "pte"); return the file written.
 
-    ``out`` defaults to the checkpoint's path with the format's suffix. ``--to ort`` also writes
+    ``out`` defaults to the checkpoint's path with the format's suffix, and then an existing file there is
+    not replaced (``ConfigError``: a run's artifacts sit beside its checkpoint). ``--to ort`` also writes
     the ``.onnx`` it is converted from (next to ``out``). Raises ``ParityError`` when the file
     disagrees with PyTorch beyond the tolerances. ``factories``: user factories the checkpoint may
     name (any other raises ``ModelError``: a file never chooses code to run).
@@ -73,6 +74,14 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
             raise ConfigError(f"inputs are shaped {tuple(inputs.shape[1:])} per sample but {model_path.name} "
                               f"takes {input_shape}")
     target = Path(out) if out is not None else model_path.with_suffix(f".{to}")
+    if out is None:
+        # beside a run's student.pt sit the run's own artifacts, which its report describes: never replace a
+        # file the user did not name
+        clash = [p for p in {target, target.with_suffix(".onnx") if to == "ort" else target} if p.exists()]
+        if clash:
+            raise ConfigError(f"{clash[0]} exists; without --out edgekd export writes beside the checkpoint and does "
+                              "not replace a file it was not told to",
+                              hint=f"give --out NEW_PATH, or --out {clash[0]} to replace it")
     example = inputs[:2]
     info: dict[str, Any]
     if to == "pte":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekd.config_base import StrictModel
 from edgekd.prune.config import LatencyProbe, SpeedupTarget
@@ -57,10 +57,15 @@ class LowRankConfig(StrictModel):
         if len(given) > 1 or (not given and not self.ranks):
             raise ValueError(f"give exactly one low-rank target (one of: {', '.join(_TARGET_KEYS)}), or only "
                              f"per-layer 'ranks'; got {', '.join(given) if given else 'none'}")
-        for name, rank in self.ranks.items():
+        return self
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, ranks: dict[str, int]) -> dict[str, int]:
+        for name, rank in ranks.items():
             if rank < 1:
                 raise ValueError(f"rank of layer {name!r} is {rank}; a rank is at least 1")
-        return self
+        return ranks
 
     @property
     def target_text(self) -> str:

@@ -231,6 +231,20 @@ def _choose(info: LayerInfo, config: LowRankConfig, energy: float | None, fixed:
     return best
 
 
+def choice_at_rank(info: LayerInfo, config: LowRankConfig, rank: int) -> LayerChoice:
+    """The cheapest scheme of ``info``'s layer at a fixed ``rank`` (``skipped`` says why when none saves MACs)."""
+    return _choose(info, config, None, rank)
+
+
+def largest_saving_rank(info: LayerInfo, config: LowRankConfig) -> int | None:
+    """The largest rank at which some scheme of the layer costs fewer MACs than the layer (less
+    ``min_macs_saving``); None when no rank does."""
+    limit = info.macs * (1.0 - config.min_macs_saving)
+    ranks = [r for scheme in info.values for r in range(1, info.max_rank(scheme) + 1)
+             if info.cost(scheme, r)[1] < limit]
+    return max(ranks, default=None)
+
+
 def plan_at_energy(infos: list[LayerInfo], config: LowRankConfig, energy: float | None,
                    fixed: dict[int, int]) -> list[LayerChoice]:
     """One choice per layer at ``energy`` (None: only layers with a fixed rank); ``fixed``: id(module) -> rank."""

@@ -27,6 +27,8 @@ from edgekd.lowrank.plan import (
     Search,
     analyse,
     apply_choices,
+    choice_at_rank,
+    largest_saving_rank,
     plan_at_energy,
     plan_for_reduction,
     search_energy,
@@ -62,6 +64,10 @@ def check_layers(config: LowRankConfig, model: nn.Module, infos: list[LayerInfo]
         if module is None:
             raise RecipeError(f"layer {name!r} is not a module of the student", key="lowrank.ranks",
                               hint=close_names_hint(model, name))
+        if any(find_layer(model, ignored) is module for ignored in config.ignored_layers):
+            raise RecipeError(f"layer {name!r} is in both lowrank.ranks and lowrank.ignored_layers",
+                              key="lowrank.ranks", hint="remove it from one of them: ranks factorizes it at the "
+                                                        "given rank, ignored_layers leaves it as it is")
         info = by_id.get(id(module))
         if info is None:
             raise RecipeError(f"layer {name!r} is a {type(module).__name__}, not a Linear/Conv1d/Conv2d layer of a "
@@ -76,6 +82,13 @@ def check_layers(config: LowRankConfig, model: nn.Module, infos: list[LayerInfo]
             raise RecipeError(f"rank {rank} for layer {name!r} ({type(module).__name__} {info.shape}) is above the "
                               f"layer's full rank ({schemes})", key="lowrank.ranks",
                               hint=f"give a rank from 1 to {top}; a useful one is well below it")
+        choice = choice_at_rank(info, config, rank)
+        if choice.skipped:  # the run would leave the layer as it is: say so now rather than in a report row
+            useful = largest_saving_rank(info, config)
+            raise RecipeError(f"rank {rank} for layer {name!r} ({type(module).__name__} {info.shape}) saves "
+                              f"nothing: {choice.skipped}", key="lowrank.ranks",
+                              hint=f"give a rank of at most {useful}" if useful is not None
+                              else "no rank of this layer costs fewer MACs; remove it from ranks")
 
 
 def fixed_ranks(config: LowRankConfig, model: nn.Module) -> dict[int, int]:
