@@ -89,7 +89,9 @@ def read_run(result: CaseResult, run_dir: Path) -> None:
         data = manifest.get("report_data") or {}
         # keyed by stage ("distill") or, since stages may repeat, by position and stage ("1-distill")
         distill = next((v for k, v in reversed(list(data.items())) if k.split("-", 1)[-1] == "distill"), {})
-        result.after_prune_val = distill.get("val_at_start")
+        start = distill.get("val_at_start")
+        # rounded as the epochs are: the same count of val samples right must not read as "below the start"
+        result.after_prune_val = None if start is None else round(start, 2)
         result.epochs_val = [round(row["val_accuracy"], 2) for row in distill.get("history", [])]
         result.settings = distill.get("settings") or {}
         for event in distill.get("guard_events", []):

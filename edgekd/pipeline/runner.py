@@ -266,7 +266,7 @@ class Runner:
         record.update(status="done", duration_s=round(time.perf_counter() - started, 3),
                       outputs=self._hashes([self.run_dir.path / "teacher" / "teacher.pt"]))
         self.console.print(f"  teacher {self.recipe.teacher.spec().describe()}: val top-1 {acc:.2f}%, test "
-                           f"{test_acc:.2f}%  ({params:,} params, {macs / 1e6:.1f} MMACs)  [{info['source']}]")
+                           f"{test_acc:.2f}%  ({params:,} params, {macs / 1e6:.3g} MMACs)  [{info['source']}]")
         ctx = RunContext(recipe=self.recipe, run_dir=self.run_dir, data=data, device=device, teacher=teacher,
                          student=self._initial_student(teacher, data), resume=self.resume,
                          console=self.console)

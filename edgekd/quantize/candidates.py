@@ -149,7 +149,12 @@ def choose(fp32: Candidate, candidates: list[Candidate], policy: Policy) -> Deci
 
 
 def _speed(c: Candidate, fp32: Candidate) -> str:
-    return f"{c.latency_ms:.2f} ms vs FP32 {fp32.latency_ms:.2f} ms ({c.speedup_over(fp32):.2f}x)"
+    # 3 significant figures: a small model's 0.004 ms is not "0.00 ms"; the ratio is the median of rounds timed
+    # side by side (``paired_speedup``), which need not equal the ratio of the two medians printed before it
+    ratio = c.speedup_over(fp32)
+    paired = " (median of paired rounds)" if c is not fp32 and c.paired_speedup is not None else ""
+    return (f"p50 {c.latency_ms:.3g} ms vs FP32 {fp32.latency_ms:.3g} ms, "
+            f"{'?' if ratio is None else format(ratio, '.2f')}x{paired}")
 
 
 def _drop(c: Candidate, fp32: Candidate) -> str:
