@@ -167,7 +167,7 @@ def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
         "data": {"dataset": "digits", "image_size": 8, "batch_size": 64},
         "teacher": {"model": "mlp", "kwargs": {"hidden": 128},
                     "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.01}},
-        "stages": [{"lowrank": {"macs_reduction": 2.0, "probe": None}},
+        "stages": [{"lowrank": {"macs_reduction": 2.0, "probe": None, "ignored_layers": ["head"]}},
                    {"distill": {"epochs": 1}},
                    {"export": {"formats": ["onnx"], "verify": {"samples": 16}}},
                    {"quantize": {"method": {"kind": "ort_static", "calibration": {"samples": 64}},
@@ -182,6 +182,8 @@ def test_lowrank_then_distill_then_export_end_to_end_on_digits(tmp_path):
     data = result.report.stage_data["0-lowrank"]
     factorized = [r for r in data["layers"] if r.get("rank")]
     assert factorized and all(0 < r["energy_kept"] <= 1 and r["rank"] <= r["max_rank"] for r in factorized)
+    assert {"layer": "head", "type": "Linear", "shape_before": "10x128", "scheme": None,
+            "skipped": "in lowrank.ignored_layers"} in data["layers"]  # a layer left as it is says why
     student, _ = load_portable(result.student)
     assert any(isinstance(m, LowRankLinear) for m in student.modules())
     assert sum(p.numel() for p in student.parameters()) == rows["lowrank"]["params"]

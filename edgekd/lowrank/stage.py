@@ -91,6 +91,18 @@ def check_layers(config: LowRankConfig, model: nn.Module, infos: list[LayerInfo]
                               else "no rank of this layer costs fewer MACs; remove it from ranks")
 
 
+def ignored_rows(config: LowRankConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """A report row for each layer of ``ignored_layers``: every layer left as it is says why."""
+    rows = []
+    for name in config.ignored_layers:
+        module = find_layer(model, name)
+        weight = getattr(module, "weight", None)
+        rows.append({"layer": name, "type": type(module).__name__,
+                     "shape_before": "x".join(str(d) for d in weight.shape) if isinstance(weight, torch.Tensor) else "",
+                     "scheme": None, "skipped": "in lowrank.ignored_layers"})
+    return rows
+
+
 def fixed_ranks(config: LowRankConfig, model: nn.Module) -> dict[int, int]:
     return {id(find_layer(model, name)): rank for name, rank in config.ranks.items()}
 
@@ -207,7 +219,7 @@ class LowRankStage(Stage[LowRankConfig]):
             "macs_reduction_vs_teacher": round(teacher_counts["macs"] / after["macs"], 3),
             "params_reduction_vs_teacher": round(teacher_counts["params"] / after["params"], 3),
             # per layer: shape before/after, scheme, rank, max rank, energy kept, params/MACs before and after
-            "layers": [c.row() for c in search.choices],
+            "layers": [c.row() for c in search.choices] + ignored_rows(cfg, student),
             "latency": latency,
             "val_accuracy_before": round(accuracy_before, 3),
             "val_accuracy_after": round(accuracy, 3),
