@@ -24,6 +24,7 @@ from edgekd.data.bundle import DataBundle
 from edgekd.distill.config import FROM_SCRATCH, LOSSES, DistillConfig, LossTerm
 from edgekd.distill.hooks import FeatureTap
 from edgekd.distill.losses import KDSettings, TermInputs, TermLoss, masked_cross_entropy, term_layers
+from edgekd.models.evaluate import top1_accuracy
 from edgekd.train.objectives import Batch, LossOutput, Objective
 
 #: teacher forward passes while building the cache run on chunks of this many samples
@@ -99,8 +100,6 @@ class DistillObjective(Objective):
             term.module = self.adaptors[key] if key in self.adaptors else None
         self.adaptors.to(device)
         if self.soft_until_teacher:
-            from edgekd.models.evaluate import top1_accuracy
-
             self.teacher_val_accuracy = top1_accuracy(self.teacher, data.val_x, data.val_y, device=device)
         self._cache = self._build_cache(data, device, t_feats) if self.use_cache else None
         if not self.use_cache:
@@ -150,7 +149,7 @@ class DistillObjective(Objective):
         this stops it when the teacher has nothing left to teach on val."""
         if not self.soft_until_teacher or self.teacher_val_accuracy is None:
             return
-        reached = [i for i, row in enumerate(history, start=1)
+        reached = [row.get("epoch", i) for i, row in enumerate(history, start=1)
                    if row.get("val_accuracy", -1.0) >= self.teacher_val_accuracy]
         self.soft_off_from = reached[0] + 1 if reached else None
         alpha = 0.0 if self.soft_off_from is not None else self.alpha
