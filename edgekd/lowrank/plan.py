@@ -328,6 +328,33 @@ def search_energy(infos: list[LayerInfo], config: LowRankConfig, fixed: dict[int
     return Search(best[0], best[1], True, trials)
 
 
+#: a factorized layer left whole costs at most this share of the measured speed-up: it did not pay
+PAID_TOLERANCE = 0.02
+
+
+def keep_paying_layers(search: Search, figure: Callable[[list[LayerChoice]], float], factor: float,
+                       fixed: dict[int, int], tolerance: float = PAID_TOLERANCE) -> Search:
+    """Each factorized layer of ``search`` (not one of ``fixed``'s), in module order, tried left whole: when the
+    plan without it still meets ``factor`` and measures at least (1 - ``tolerance``) x the plan with it, the
+    factorization did not pay on the runtime and the layer is kept whole (the exact layer, at no accuracy
+    cost). A bisection on one energy threshold for every layer cannot see this: a thin head or a layer
+    whose two halves each cost a kernel launch can be slower factorized while the rest pays. One
+    ``figure`` (two exports and a timing run) per factorized layer; each trial is appended to the trials."""
+    choices, trials = list(search.choices), list(search.trials)
+    current = figure(choices)
+    for i, choice in enumerate(choices):
+        if choice.skipped is not None or id(choice.info.module) in fixed:
+            continue
+        trial = [*choices[:i], LayerChoice(choice.info, skipped="measured"), *choices[i + 1:]]
+        got = figure(trial)
+        trials.append({"energy": round(search.energy, 6), "left_whole": choice.info.name, "speedup": round(got, 4)})
+        if got >= factor and got >= (1.0 - tolerance) * current:
+            trial[i] = LayerChoice(choice.info, skipped=f"measured {got:.2f}x with it whole, {current:.2f}x with it "
+                                                         "factorized: the factorization did not pay on the runtime")
+            choices, current = trial, got
+    return Search(choices, search.energy, search.reached, trials)
+
+
 def apply_choices(model: nn.Module, choices: list[LayerChoice], source: nn.Module | None = None) -> int:
     """Replace every factorized layer in ``model`` by its two-layer version; returns how many were replaced.
 

@@ -28,6 +28,7 @@ from edgekd.lowrank.plan import (
     analyse,
     apply_choices,
     choice_at_rank,
+    keep_paying_layers,
     largest_saving_rank,
     plan_at_energy,
     plan_for_reduction,
@@ -138,7 +139,8 @@ def plan(config: LowRankConfig, infos: list[LayerInfo], fixed: dict[int, int], b
         if measure is None:
             raise ValueError("a speed-up target needs a measure function")
         # measuring costs two exports and a timing run per plan: 8 rounds resolve the energy to 1/256
-        return search_energy(infos, config, fixed, measure, config.speedup.factor, "speedup", rounds=8)
+        search = search_energy(infos, config, fixed, measure, config.speedup.factor, "speedup", rounds=8)
+        return keep_paying_layers(search, measure, config.speedup.factor, fixed) if search.reached else search
     choices = plan_at_energy(infos, config, config.energy, fixed)
     return Search(choices, config.energy if config.energy is not None else 1.0, True, [])
 
