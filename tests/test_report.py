@@ -275,3 +275,23 @@ def test_deployed_student_is_the_shipped_int8_file_when_quantize_shipped_one():
     assert Report(generated="now", run_dir="run", name="r", artifacts=failed).deployed_student() == (
         "student", "artifacts/student.onnx")
 
+
+
+def test_a_run_without_a_benchmark_names_the_gate_split_and_the_teachers_rollbacks(tmp_path):
+    """No benchmark section: the splits say the gate is on test and name no benchmark split (it used to say
+    "benchmark and gate on val"); a teacher whose lr is far too high is rolled back by the guard, and the
+    report says so (report.json's teacher and a summary line), as it does for a stage's training."""
+    import edgekd
+
+    recipe = {"name": "no-bench", "seed": 0, "data": {"dataset": "digits", "image_size": 8, "batch_size": 64},
+              "teacher": {"model": "mlp", "kwargs": {"hidden": 64},
+                          "train": {"epochs": 3, "lr": 10.0, "warmup_epochs": 0, "schedule": "constant"}},
+              "stages": [{"finetune": {"epochs": 1}}], "gate": {"max_accuracy_drop": 100.0}}
+    result = edgekd.compress(recipe, out=tmp_path / "run", quiet=True)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert "benchmark.accuracy" not in report["accuracy_splits"] and report["accuracy_splits"]["gate"] == "test"
+    markdown = result.report_files["markdown"].read_text()
+    assert "Accuracy splits: gate on test (no benchmark ran)" in markdown and "on val (held out" not in markdown
+    events = report["teacher"]["guard_events"]
+    assert events and events[0]["action"] == "rollback" and events[0]["peak_lr"] < 10.0
+    assert "Teacher training: the divergence guard acted" in markdown

@@ -261,6 +261,9 @@ class Runner:
                                   "and the data's normalisation")
             self._fail(record, started, exc)
             raise exc
+        earlier = self.manifest.get("teacher") or {}
+        if "guard_events" in earlier and "guard_events" not in info:  # a resumed run keeps how its teacher trained
+            info = {**info, "guard_events": earlier["guard_events"]}
         self.manifest["teacher"] = {"model": self.recipe.teacher.spec().describe(), "params": params, "macs": macs,
                                     "val_accuracy": acc, "test_accuracy": test_acc, **info}
         record.update(status="done", duration_s=round(time.perf_counter() - started, 3),

@@ -62,7 +62,7 @@ def prepare_teacher(recipe: Recipe, data: DataBundle, run_path: Path, device: to
                      run_path / "teacher" / "training", device=device, resume=resume, label="teacher",
                      seed=recipe.seed, console=console)
         info = {"source": "trained by the recipe", "epochs": result.epochs_run,
-                "best_val_accuracy": result.best_val_accuracy}
+                "best_val_accuracy": result.best_val_accuracy, "guard_events": list(result.guard_events)}
     model = model.cpu().eval()
     # weight norm only reparametrises training: folded once here, the student copy, pruning and
     # export all see plain layers (and the saved teacher records the fold for its rebuild)

@@ -27,7 +27,8 @@ def evaluate_gate(report: Report, max_accuracy_drop: float) -> GateResult:
                                   f"gate cannot pass")
     passed = worst.drop <= max_accuracy_drop
     verdict = "within" if passed else "beyond"
-    message = (f"the {worst.model} on {worst.runtime} lost {worst.drop:.2f} points of top-1 against the teacher "
+    change = f"lost {worst.drop:.2f} points" if worst.drop >= 0 else f"gained {-worst.drop:.2f} points"
+    message = (f"the {worst.model} on {worst.runtime} {change} of top-1 against the teacher "
                f"on the {worst.split} split ({worst.teacher_top1_pct:.2f}% -> {worst.top1_pct:.2f}%), {verdict} "
                f"the gate's {max_accuracy_drop:g} "
                f"point{'' if max_accuracy_drop == 1 else 's'} (gate.max_accuracy_drop)")

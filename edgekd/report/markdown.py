@@ -22,11 +22,29 @@ def markdown_table(table: Table) -> str:
     return "\n".join(lines + [""])
 
 
+def teacher_guard_lines(report: Report) -> list[str]:
+    """One line when the divergence guard acted during the teacher's training (rollbacks, BatchNorm
+    re-estimation): the teacher the student learns from was not trained as the recipe's lr alone says."""
+    events = (report.teacher or {}).get("guard_events") or []
+    if not events:
+        return []
+    parts = []
+    for e in events:
+        text = f"epoch {e.get('epoch')}: {e.get('action', '?').replace('_', ' ')}"
+        if e.get("reason"):
+            text += f" ({e['reason']})"
+        if e.get("peak_lr") is not None:
+            text += f", peak lr now {e['peak_lr']:.3g}"
+        parts.append(text)
+    return [f"- Teacher training: the divergence guard acted {len(events)} time(s): " + "; ".join(parts) + "."]
+
+
 def summary_lines(report: Report) -> list[str]:
     """The verdicts at the top: gate, worst accuracy drop, notes, failed stages."""
     # a stopped run says so first: the figures below it describe the student before the failed stage
     failed = report.failed_stages()
     lines = [f"- Stage **{s.key} failed**: {s.error}" for s in failed]
+    lines += teacher_guard_lines(report)
     if report.gate is not None:
         lines.append(f"- **Gate {'passed' if report.gate.passed else 'FAILED'}**: {report.gate.message}.")
     worst = report.worst_drop()
@@ -37,8 +55,12 @@ def summary_lines(report: Report) -> list[str]:
     lines += deployed_lines(report)
     lines += slower_int8_lines(report)
     if report.accuracy_splits:
-        lines.append(f"- Accuracy splits: benchmark and gate on {report.accuracy_splits.get('benchmark.accuracy')} "
-                     f"(held out from every decision); the ledger shows val (what decisions read) and test.")
+        splits = report.accuracy_splits
+        bench = splits.get("benchmark.accuracy")
+        where = (f"benchmark on {bench}, gate on {splits.get('gate', 'test')}" if bench is not None
+                 else f"gate on {splits.get('gate', 'test')} (no benchmark ran)")
+        lines.append(f"- Accuracy splits: {where}; test is held out from every decision; the ledger shows val "
+                     f"(what decisions read) and test.")
     if report.benchmark is not None:
         lines += [f"- Note{f' ({n.runtime})' if n.runtime else ''}: {n.message}" for n in report.benchmark.notes]
         lines.append(f"- Timed inputs: {report.benchmark.timing_input}.")
