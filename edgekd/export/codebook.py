@@ -61,24 +61,26 @@ def codebook_kind(array: np.ndarray) -> str | None:
     return "row"
 
 
-def shared_initializers(model: onnx.ModelProto, *, min_elements: int = MIN_ELEMENTS) -> dict[str, np.ndarray]:
-    """Name -> array of every float32 initializer of ``model``'s main graph with at least ``min_elements``
-    elements that ``codebook_kind`` stores as index + codebook."""
+def shared_initializers(model: onnx.ModelProto, *,
+                        min_elements: int = MIN_ELEMENTS) -> dict[str, tuple[np.ndarray, str]]:
+    """Name -> (array, ``codebook_kind``) of every float32 initializer of ``model``'s main graph with at least
+    ``min_elements`` elements that is stored as index + codebook."""
     found = {}
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT or np.prod(init.dims, dtype=np.int64) < min_elements:
             continue
         array = numpy_helper.to_array(init)
-        if codebook_kind(array) is not None:
-            found[init.name] = array
+        kind = codebook_kind(array)
+        if kind is not None:
+            found[init.name] = (array, kind)
     return found
 
 
-def _encode(name: str, array: np.ndarray) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+def _encode(name: str, array: np.ndarray, kind: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """The initializers and nodes that compute ``array`` under ``name`` from a uint8 index and codebook(s)."""
     index_i32 = f"{name}__index_i32"
     cast = helper.make_node("Cast", [f"{name}__index"], [index_i32], to=TensorProto.INT32, name=f"{name}__cast")
-    if codebook_kind(array) == "tensor":
+    if kind == "tensor":
         codebook, index = np.unique(array, return_inverse=True)
         inits = [numpy_helper.from_array(index.reshape(array.shape).astype(np.uint8), f"{name}__index"),
                  numpy_helper.from_array(codebook.astype(np.float32), f"{name}__codebook")]
@@ -100,7 +102,7 @@ def _encode(name: str, array: np.ndarray) -> tuple[list[onnx.TensorProto], list[
     return inits, nodes
 
 
-def to_codebook_graph(model: onnx.ModelProto, shared: dict[str, np.ndarray]) -> onnx.ModelProto:
+def to_codebook_graph(model: onnx.ModelProto, shared: dict[str, tuple[np.ndarray, str]]) -> onnx.ModelProto:
     """A copy of ``model`` in which each initializer named in ``shared`` is a uint8 index plus float32
     codebook(s) joined by Cast and Gather (per tensor) or GatherElements and Reshape (per output channel)
     nodes that produce a tensor of the original name, shape and values."""
@@ -109,8 +111,8 @@ def to_codebook_graph(model: onnx.ModelProto, shared: dict[str, np.ndarray]) -> 
     graph = out.graph
     kept = [init for init in graph.initializer if init.name not in shared]
     nodes = []
-    for name, array in shared.items():
-        inits, made = _encode(name, array)
+    for name, (array, kind) in shared.items():
+        inits, made = _encode(name, array, kind)
         kept.extend(inits)
         nodes.extend(made)
     del graph.initializer[:]
