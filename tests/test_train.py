@@ -548,3 +548,15 @@ def test_channels_last_training_learns_and_hands_the_model_on_in_the_usual_layou
     # the kept checkpoint loads into a plain model
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
+
+
+def test_the_mean_loss_rule_judges_only_training_from_random_weights():
+    """From random weights an epoch whose mean loss rose above 1.05 x max(first loss, ln C) is rolled back; from
+    trained weights the first loss is one batch of a trained model, not a scale (a distilled MobileNetV2: 3.97 on
+    its first batch, 5.1-5.8 as epoch means at every lr), and the epoch is judged by its val drop instead."""
+    guard = GuardConfig()
+    rising = {"train_loss": 5.4, "reference_loss": 3.97, "val_samples": 269}
+    assert "rose above" in epoch_problem(60.0, 60.0, 62.0, 10, guard, **rising)
+    assert epoch_problem(60.0, 60.0, 62.0, 10, guard, from_weights=True, **rising) is None
+    # the val drop from the start still counts from trained weights
+    assert "fell to" in epoch_problem(60.0, 30.0, 62.0, 10, guard, from_weights=True, **rising)
