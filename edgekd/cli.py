@@ -70,7 +70,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     summary = check(recipe, overrides=set_ or ())
     out_console.print(f"[green]ok[/] {recipe}: {summary.dataset} ({summary.train_samples} train / "
-                      f"{summary.val_samples} val, {summary.num_classes} classes, input {summary.input_shape}); "
+                      f"{summary.val_samples} val / {summary.test_samples} test, {summary.num_classes} classes, input {summary.input_shape}); "
                       f"stages: {', '.join(summary.stages) or 'none'}")
 
 

@@ -393,3 +393,19 @@ def test_soft_until_teacher_turns_the_soft_share_off_once_the_student_reaches_th
         assert objective.describe()["teacher_val_accuracy"] == reached
     finally:
         objective.teardown()
+
+
+def test_the_ledger_notes_give_the_lr_the_kept_epochs_trained_at_after_rollbacks(tmp_path):
+    """A guard rollback lowers the lr: the ledger row says so beside the lr the config asked for."""
+    from edgekd.distill.stage import training_notes
+    from edgekd.train.trainer import FitResult
+
+    events = [{"epoch": 1, "action": "rollback", "reason": "loss exploded", "peak_lr": 0.3},
+              {"epoch": 1, "action": "rollback", "reason": "loss exploded", "peak_lr": 0.09}]
+    result = FitResult(best_val_accuracy=90.0, best_epoch=2, epochs_run=2, history=[], checkpoint=tmp_path / "b.pt",
+                       guard_events=events)
+    notes = training_notes(result, CrossEntropyObjective(), TrainConfig(epochs=2, lr=1.0))
+    assert notes["lr"] == 1.0 and notes["lr_after_rollbacks"] == 0.09
+    assert "peak lr 0.09" in notes["guard"]
+    assert "lr_after_rollbacks" not in training_notes(FitResult(90.0, 2, 2, [], tmp_path / "b.pt"),
+                                                      CrossEntropyObjective(), TrainConfig(epochs=2, lr=1.0))

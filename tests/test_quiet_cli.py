@@ -40,6 +40,7 @@ def test_validate_of_a_hugging_face_teacher_prints_nothing_on_stderr(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == ""
     assert proc.stdout.startswith("ok ") and "stages: prune, export, quantize" in proc.stdout
+    assert "1169 train / 269 val / 359 test" in proc.stdout  # the three splits (test: what is reported)
     debug = _validate(tmp_path, "--debug")
     assert debug.returncode == 0 and debug.stdout == proc.stdout
     # what the filters hid is real library output, shown with --debug (not a test of an empty stream)

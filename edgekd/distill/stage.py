@@ -78,6 +78,9 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
         notes["labels"] = f"{source.labeled_fraction:.0%} of the training split kept its labels"
     if result.guard_events:
         notes["guard"] = "; ".join(_event_text(e) for e in result.guard_events)
+        lowered = [e["peak_lr"] for e in result.guard_events if e.get("peak_lr") is not None]
+        if lowered:  # the lr the kept epochs trained at, beside the one the config asked for
+            notes["lr_after_rollbacks"] = lowered[-1]
     return notes
 
 

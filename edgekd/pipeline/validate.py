@@ -34,6 +34,8 @@ class ValidationSummary:
     num_classes: int
     input_shape: tuple[int, ...]
     stages: list[str]
+    #: the held-out split every reported figure and the gate read
+    test_samples: int = 0
 
 
 def _at(doc: RecipeDocument, key: str, exc: EdgekdError) -> RecipeError:
@@ -99,7 +101,8 @@ def validate_document(doc: RecipeDocument, *, teacher: nn.Module | None = None,
     if recipe.benchmark is not None:
         stage_for(recipe.benchmark).check(ctx)
     return ValidationSummary(dataset=recipe.data.dataset, train_samples=len(data.train), val_samples=len(data.val),
-                             num_classes=data.num_classes, input_shape=data.input_shape, stages=names)
+                             num_classes=data.num_classes, input_shape=data.input_shape, stages=names,
+                             test_samples=len(data.test) if data.test is not None else 0)
 
 
 def _check_augment(doc: RecipeDocument, key: str, config: object, example: torch.Tensor) -> None:
