@@ -20,6 +20,7 @@ from edgekd.distill.objective import DistillObjective, term_losses
 from edgekd.errors import RecipeError, StageError
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
+from edgekd.report.tables import guard_event_text
 from edgekd.stage.base import Stage, register_stage
 from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 from edgekd.train.config import TrainConfig
@@ -77,18 +78,11 @@ def training_notes(result: FitResult, objective: Objective, config: TrainConfig)
     if source is not None:
         notes["labels"] = f"{source.labeled_fraction:.0%} of the training split kept its labels"
     if result.guard_events:
-        notes["guard"] = "; ".join(_event_text(e) for e in result.guard_events)
+        notes["guard"] = "; ".join(guard_event_text(e) for e in result.guard_events)
         lowered = [e["peak_lr"] for e in result.guard_events if e.get("peak_lr") is not None]
         if lowered:  # the lr the kept epochs trained at, beside the one the config asked for
             notes["lr_after_rollbacks"] = lowered[-1]
     return notes
-
-
-def _event_text(event: dict[str, Any]) -> str:
-    if event["action"] == "rollback":
-        return f"epoch {event['epoch']} rolled back ({event['reason']}), peak lr {event['peak_lr']:.3g}"
-    return (f"epoch {event['epoch']}: BatchNorm statistics re-estimated (val {event['val_before']:.1f}% -> "
-            f"{event['val_after']:.1f}%)")
 
 
 def training_data(ctx: RunContext, config) -> DataBundle:

@@ -77,7 +77,8 @@ def export_model(model_path: Path, to: str, out: Path | None = None, *, opset: i
     if out is None:
         # beside a run's student.pt sit the run's own artifacts, which its report describes: never replace a
         # file the user did not name
-        clash = [p for p in {target, target.with_suffix(".onnx") if to == "ort" else target} if p.exists()]
+        written = [target, target.with_suffix(".onnx")] if to == "ort" else [target]
+        clash = [p for p in written if p.exists()]
         if clash:
             raise ConfigError(f"{clash[0]} exists; without --out edgekd export writes beside the checkpoint and does "
                               "not replace a file it was not told to",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgekd.report.schema import Report
-from edgekd.report.tables import Table, all_tables, machine_rows, quantize_outcomes
+from edgekd.report.tables import Table, all_tables, guard_event_text, machine_rows, quantize_outcomes
 
 
 def _cell(text: str) -> str:
@@ -28,15 +28,8 @@ def teacher_guard_lines(report: Report) -> list[str]:
     events = (report.teacher or {}).get("guard_events") or []
     if not events:
         return []
-    parts = []
-    for e in events:
-        text = f"epoch {e.get('epoch')}: {e.get('action', '?').replace('_', ' ')}"
-        if e.get("reason"):
-            text += f" ({e['reason']})"
-        if e.get("peak_lr") is not None:
-            text += f", peak lr now {e['peak_lr']:.3g}"
-        parts.append(text)
-    return [f"- Teacher training: the divergence guard acted {len(events)} time(s): " + "; ".join(parts) + "."]
+    return [f"- Teacher training: the divergence guard acted {len(events)} time(s): "
+            + "; ".join(guard_event_text(e) for e in events) + "."]
 
 
 def summary_lines(report: Report) -> list[str]:
