@@ -20,10 +20,10 @@ from edgekd.distill.objective import DistillObjective, term_losses
 from edgekd.errors import RecipeError, StageError
 from edgekd.models.evaluate import top1_accuracy
 from edgekd.models.stats import count_params_macs
-from edgekd.report.tables import guard_event_text
 from edgekd.stage.base import Stage, register_stage
 from edgekd.stage.context import LedgerRow, RunContext, ValidationContext
 from edgekd.train.config import TrainConfig
+from edgekd.train.events import guard_event_text
 from edgekd.train.guard import at_chance, chance, kept_share
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 from edgekd.train.trainer import FitResult, fit

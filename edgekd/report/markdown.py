@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from edgekd.report.schema import Report
-from edgekd.report.tables import Table, all_tables, guard_event_text, machine_rows, quantize_outcomes
+from edgekd.report.tables import Table, all_tables, machine_rows, quantize_outcomes
+from edgekd.train.events import guard_event_text
 
 
 def _cell(text: str) -> str:

@@ -303,11 +303,3 @@ def all_tables(report: Report) -> list[Table]:
     return [deployed_table(report), headline_table(report), ledger_table(report), *stage_tables(report),
             accuracy_table(report), latency_table(report), *filter(None, [op_profile_table(report)]),
             models_table(report), peak_table(report), stages_table(report)]
-
-
-def guard_event_text(event: dict[str, Any]) -> str:
-    """One guard event (a rollback or a BatchNorm re-estimation, as ``fit`` records them) in words."""
-    if event["action"] == "rollback":
-        return f"epoch {event['epoch']} rolled back ({event['reason']}), peak lr {event['peak_lr']:.3g}"
-    return (f"epoch {event['epoch']}: BatchNorm statistics re-estimated (val {event['val_before']:.1f}% -> "
-            f"{event['val_after']:.1f}%)")
